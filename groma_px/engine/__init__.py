@@ -1,0 +1,1 @@
+"""Engine glue: hooks (W&B tables, freeze schedules) and optim-wrapper constructors."""

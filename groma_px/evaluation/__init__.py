@@ -1,0 +1,1 @@
+"""``BaseMetric`` subclasses: REC accuracy, grounded chat, counting, mask IoU."""

@@ -1,0 +1,1 @@
+"""The composed model ``GromaPX(BaseModel)``: composition only."""

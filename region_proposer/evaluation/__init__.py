@@ -1,0 +1,1 @@
+"""Proposal metrics: class-agnostic average recall and region-set recall."""

@@ -1,0 +1,1 @@
+"""Stage-1 class-agnostic detection pre-training: model wrapper, box datasets, transforms."""

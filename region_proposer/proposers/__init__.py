@@ -1,0 +1,1 @@
+"""One file per proposer (``FeaturePyramid -> Proposals``), each registered in ``MODELS``."""
