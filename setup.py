@@ -1,4 +1,5 @@
 """Install groma-px: the ``groma_px`` framework and the standalone ``region_proposer`` package."""
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -36,7 +37,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["groma_px", "groma_px.*", "region_proposer", "region_proposer.*"]),
+    packages=find_packages(
+        include=["groma_px", "groma_px.*", "region_proposer", "region_proposer.*"]
+    ),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -1,4 +1,5 @@
 """groma_px: grounded multimodal LLMs with decoupled perception (region tokens as hyperlinks)."""
+
 from .structures import GroundedRegion, GroundedResponse, GroundedSpan, RegionSource, RegionTokens
 
 __version__ = "0.1.0"

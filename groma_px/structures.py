@@ -1,8 +1,9 @@
-"""The contracts of ``groma_px``: ``RegionTokens`` (model-internal) and ``GroundedResponse`` (output).
+"""Contracts of ``groma_px``: ``RegionTokens`` (model-internal), ``GroundedResponse`` (output).
 
 ``RegionTokens`` row ``i`` is what the LLM token ``<ri>`` points at, like a hyperlink target.
 ``GroundedResponse`` is what every inference entry point returns; one parser produces it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -58,7 +59,12 @@ class RegionTokens:
         check_leading_dims(
             owner,
             "tokens",
-            {"tokens": self.tokens, "boxes": self.boxes, "valid": self.valid, "source": self.source},
+            {
+                "tokens": self.tokens,
+                "boxes": self.boxes,
+                "valid": self.valid,
+                "source": self.source,
+            },
             2,
         )
         codes = {int(s) for s in RegionSource}
@@ -165,13 +171,21 @@ class GroundedResponse:
             "text": self.text,
             "raw_text": self.raw_text,
             "spans": [
-                {"start": s.start, "end": s.end, "phrase": self.text[s.start : s.end],
-                 "regions": list(s.region_ids)}
+                {
+                    "start": s.start,
+                    "end": s.end,
+                    "phrase": self.text[s.start : s.end],
+                    "regions": list(s.region_ids),
+                }
                 for s in self.spans
             ],
             "regions": [
-                {"box": [float(v) for v in r.box], "score": float(r.score), "source": r.source,
-                 "mask": r.mask}
+                {
+                    "box": [float(v) for v in r.box],
+                    "score": float(r.score),
+                    "source": r.source,
+                    "mask": r.mask,
+                }
                 for r in self.regions
             ],
             "warnings": list(self.warnings),

@@ -2,6 +2,7 @@
 
 Stands alone: it imports torch, torchvision, mmengine and timm, never ``groma_px`` or an LLM.
 """
+
 from .structures import FeaturePyramid, Proposals
 
 __all__ = ["FeaturePyramid", "Proposals"]

@@ -1,4 +1,5 @@
 """Construction-time checks shared by the frozen contract dataclasses of both packages."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,7 +47,9 @@ def check_tensor(
     return value
 
 
-def check_leading_dims(owner: str, reference: str, tensors: dict[str, Tensor | None], n: int) -> None:
+def check_leading_dims(
+    owner: str, reference: str, tensors: dict[str, Tensor | None], n: int
+) -> None:
     """Checks that every non-None tensor shares the first ``n`` dims of ``tensors[reference]``.
 
     Also checks that all tensors live on the same device. Errors name the offending field.

@@ -4,6 +4,7 @@ A format name is ``{frame}_{layout}``: frame ``abs`` (pixels) or ``norm`` (fract
 width and height), layout ``xyxy``, ``xywh`` (COCO) or ``cxcywh`` (DETR). Inside the model boxes are
 ``norm_xyxy``; everything else is converted at the data boundary with :func:`convert_boxes`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -77,7 +78,9 @@ def convert_boxes(
     out = boxes
     if src_layout != dst_layout:
         lead = out.shape[:-1]
-        out = box_convert(out.reshape(-1, 4), in_fmt=src_layout, out_fmt=dst_layout).reshape(*lead, 4)
+        out = box_convert(out.reshape(-1, 4), in_fmt=src_layout, out_fmt=dst_layout).reshape(
+            *lead, 4
+        )
     if src_frame != dst_frame:
         if image_size is None:
             raise ValueError(f"image_size is required to convert {src} -> {dst}")

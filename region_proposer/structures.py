@@ -1,4 +1,5 @@
 """The public contract of ``region_proposer``: ``FeaturePyramid`` in, ``Proposals`` out."""
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ class FeaturePyramid:
         for i, fmap in enumerate(self.maps):
             check_tensor(owner, f"maps[{i}]", fmap, ndim=4, floating=True)
         check_leading_dims(owner, "maps[0]", {f"maps[{i}]": m for i, m in enumerate(self.maps)}, 1)
-        for i, (fmap, stride) in enumerate(zip(self.maps, self.strides)):
+        for i, (fmap, stride) in enumerate(zip(self.maps, self.strides, strict=True)):
             self._check_stride(owner, i, fmap, stride)
         if self.valid_sizes is not None:
             check_tensor(owner, "valid_sizes", self.valid_sizes, ndim=2, dtypes=_INT, last_dim=2)
@@ -92,7 +93,9 @@ class FeaturePyramid:
         """
         maps = tuple(maps)
         strides = tuple(float(image_size[0]) / float(m.shape[-2]) for m in maps)
-        return cls(maps=maps, strides=strides, image_size=tuple(image_size), valid_sizes=valid_sizes)
+        return cls(
+            maps=maps, strides=strides, image_size=tuple(image_size), valid_sizes=valid_sizes
+        )
 
     @property
     def batch_size(self) -> int:
@@ -131,8 +134,12 @@ class Proposals:
         check_leading_dims(
             owner,
             "boxes",
-            {"boxes": self.boxes, "scores": self.scores, "valid": self.valid,
-             "embeddings": self.embeddings},
+            {
+                "boxes": self.boxes,
+                "scores": self.scores,
+                "valid": self.valid,
+                "embeddings": self.embeddings,
+            },
             2,
         )
 

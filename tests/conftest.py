@@ -1,4 +1,5 @@
 """Test-wide settings: no hub access, W&B offline, GPU tests skipped without a GPU."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
 """The README's first screen and .ci/run agree on the install and test commands."""
+
 import re
 from pathlib import Path
 

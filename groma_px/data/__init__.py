@@ -1,4 +1,5 @@
 """Data: the unified record format, its validator, datasets and the synthetic scenes."""
+
 from .grounded_dataset import GroundedConversationDataset
 from .validate import RecordError, RecordFieldError, RecordValidator
 

@@ -1,4 +1,5 @@
 """``GroundedConversationDataset``: reads and validates unified grounded-conversation JSONL."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,14 @@ def read_jsonl_records(
                 yield line_no, RecordError(path, line_no, exc.field, exc.message)
                 continue
             if record["id"] in seen_ids:
-                yield line_no, RecordError(
-                    path, line_no, "id", f"duplicate id {record['id']!r} (first on line "
-                    f"{seen_ids[record['id']]})"
+                yield (
+                    line_no,
+                    RecordError(
+                        path,
+                        line_no,
+                        "id",
+                        f"duplicate id {record['id']!r} (first on line {seen_ids[record['id']]})",
+                    ),
                 )
                 continue
             seen_ids[record["id"]] = line_no

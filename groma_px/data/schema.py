@@ -31,6 +31,7 @@ One record holds one conversation about one image; an image with several tasks a
 records (DESIGN.md says "one record per image": we key by sample instead so that every record has
 exactly one ``task``).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ IMAGE_PLACEHOLDER = "<image>"
 REFER_BOX = "<refer_box>"
 GROUND_BOX = "<ground_box>"
 REFER_FEAT = "<refer_feat>"
-#: Placeholders that cite a record region; each occurrence consumes one entry of the turn's "regions".
+#: Placeholders that cite a record region; each one consumes an entry of the turn's "regions".
 REGION_PLACEHOLDERS = (REFER_BOX, GROUND_BOX, REFER_FEAT)
 PLACEHOLDER_PATTERN = re.compile("|".join(re.escape(p) for p in REGION_PLACEHOLDERS))
 

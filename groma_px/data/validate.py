@@ -3,6 +3,7 @@
 ``GroundedConversationDataset`` and ``tools/validate_data.py`` wrap these errors with the file and
 line of the record, so a bad record is reported as ``train.jsonl:17: regions[2].box: ...``.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,9 @@ class RecordValidator:
     def __call__(self, record: Any) -> None:
         """Raises :class:`RecordFieldError` for the first invalid field of ``record``."""
         if not isinstance(record, dict):
-            raise RecordFieldError("<record>", f"must be a JSON object, got {type(record).__name__}")
+            raise RecordFieldError(
+                "<record>", f"must be a JSON object, got {type(record).__name__}"
+            )
         missing = [f for f in REQUIRED_FIELDS if f not in record]
         if missing:
             raise RecordFieldError(missing[0], "required field is missing")
@@ -137,7 +140,9 @@ class RecordValidator:
             raise RecordFieldError(f"{name}.{unknown[0]}", "unknown region field")
         box = region.get("box")
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-            raise RecordFieldError(f"{name}.box", f"must be 4 finite numbers [x0, y0, x1, y1], got {box!r}")
+            raise RecordFieldError(
+                f"{name}.box", f"must be 4 finite numbers [x0, y0, x1, y1], got {box!r}"
+            )
         x0, y0, x1, y1 = box
         if x1 <= x0 or y1 <= y0:
             raise RecordFieldError(f"{name}.box", f"degenerate box {box} (zero or negative area)")
@@ -155,7 +160,9 @@ class RecordValidator:
         if not isinstance(rle, dict) or set(rle) != {"size", "counts"}:
             raise RecordFieldError(name, "must be a COCO RLE object with 'size' and 'counts'")
         if rle["size"] != [height, width]:
-            raise RecordFieldError(name, f"size {rle['size']} != image [height, width] {[height, width]}")
+            raise RecordFieldError(
+                name, f"size {rle['size']} != image [height, width] {[height, width]}"
+            )
         if not isinstance(rle["counts"], str):
             raise RecordFieldError(name, "counts must be a compressed RLE string (pycocotools)")
         area = int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}))
@@ -176,8 +183,9 @@ class RecordValidator:
             expected_role = ROLES[i % 2]
             if turn.get("from") != expected_role:
                 raise RecordFieldError(
-                    f"{name}.from", f"expected {expected_role!r} (turns alternate {HUMAN!r}, "
-                    f"{ASSISTANT!r}), got {turn.get('from')!r}"
+                    f"{name}.from",
+                    f"expected {expected_role!r} (turns alternate {HUMAN!r}, "
+                    f"{ASSISTANT!r}), got {turn.get('from')!r}",
                 )
             value = turn.get("value")
             if not isinstance(value, str):
@@ -186,8 +194,9 @@ class RecordValidator:
             self._check_citations(name, turn, value, num_regions)
         if num_images != 1 or IMAGE_PLACEHOLDER not in turns[0]["value"]:
             raise RecordFieldError(
-                "conversations", f"need exactly one {IMAGE_PLACEHOLDER} in the first human turn, "
-                f"found {num_images} in the conversation"
+                "conversations",
+                f"need exactly one {IMAGE_PLACEHOLDER} in the first human turn, "
+                f"found {num_images} in the conversation",
             )
 
     @staticmethod

@@ -1,4 +1,5 @@
 """Every file under configs/ loads, and every ``type`` in it resolves in some registry."""
+
 from pathlib import Path
 
 import mmengine.registry as mm_registry
@@ -41,7 +42,9 @@ def test_config_files_exist():
     assert (CONFIG_DIR / "_base_" / "default_runtime.py") in CONFIG_FILES
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONFIG_DIR)) for p in CONFIG_FILES])
+@pytest.mark.parametrize(
+    "path", CONFIG_FILES, ids=[str(p.relative_to(CONFIG_DIR)) for p in CONFIG_FILES]
+)
 def test_config_loads_and_types_resolve(path):
     cfg = Config.fromfile(str(path))
     scope = cfg.get("default_scope", "groma_px")

@@ -1,9 +1,12 @@
 """GroundedConversationDataset validation: one test per kind of bad record, and skip mode."""
+
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
+from mmengine.logging import MMLogger
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -75,15 +78,23 @@ def _bad(mutate):
 BAD_CASES = {
     "missing_image": (lambda r: r.update(image="images/missing.png"), "image", "file not found"),
     "box_out_of_bounds": (
-        lambda r: r["regions"][1].update(box=[20, 5, 41, 30]), "regions[1].box", "outside the image"
+        lambda r: r["regions"][1].update(box=[20, 5, 41, 30]),
+        "regions[1].box",
+        "outside the image",
     ),
-    "zero_area_box": (lambda r: r["regions"][0].update(box=[2, 3, 2, 13]), "regions[0].box", "degenerate"),
+    "zero_area_box": (
+        lambda r: r["regions"][0].update(box=[2, 3, 2, 13]),
+        "regions[0].box",
+        "degenerate",
+    ),
     "placeholder_mismatch": (
-        lambda r: r["conversations"][1].update(regions=[1, 0]), "conversations[1].regions",
+        lambda r: r["conversations"][1].update(regions=[1, 0]),
+        "conversations[1].regions",
         "1 placeholders in the text but 2 cited regions",
     ),
     "citation_out_of_range": (
-        lambda r: r["conversations"][1].update(regions=[5]), "conversations[1].regions",
+        lambda r: r["conversations"][1].update(regions=[5]),
+        "conversations[1].regions",
         "cites regions [5]",
     ),
     "unknown_task": (lambda r: r.update(task="vqa_magic"), "task", "unknown task 'vqa_magic'"),
@@ -91,13 +102,18 @@ BAD_CASES = {
     "unknown_field": (lambda r: r.update(extra=1), "extra", "unknown field"),
     "size_mismatch": (lambda r: r.update(width=41), "width/height", "record says 41x30"),
     "mask_size": (
-        lambda r: r["regions"][0].update(mask=_rle(31, 40, (2, 3, 12, 13))), "regions[0].mask",
+        lambda r: r["regions"][0].update(mask=_rle(31, 40, (2, 3, 12, 13))),
+        "regions[0].mask",
         "size [31, 40]",
     ),
-    "role_order": (lambda r: r["conversations"][0].update({"from": "gpt"}), "conversations[0].from",
-                   "expected 'human'"),
+    "role_order": (
+        lambda r: r["conversations"][0].update({"from": "gpt"}),
+        "conversations[0].from",
+        "expected 'human'",
+    ),
     "no_image_token": (
-        lambda r: r["conversations"][0].update(value="Where is the circle?"), "conversations",
+        lambda r: r["conversations"][0].update(value="Where is the circle?"),
+        "conversations",
         "exactly one <image>",
     ),
 }
@@ -135,12 +151,20 @@ def test_duplicate_id(root):
         _load(root)
 
 
-def test_skip_mode_counts_logs_and_keeps_good_records(root, capfd):
+def test_skip_mode_counts_logs_and_keeps_good_records(root):
     bad_lines = [json.dumps(_good_record(9))[:-3]]
     records = [_good_record(0), _bad(BAD_CASES["unknown_task"][0]), _good_record(2)]
     _write(root, records, raw_lines=bad_lines)
-    ds = _load(root, on_bad_record="skip")
-    assert "skipped 2 bad records (task: 1, <json>: 1)" in capfd.readouterr().out
+    logger = MMLogger.get_current_instance()
+    messages = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda rec: messages.append(rec.getMessage())
+    logger.addHandler(handler)
+    try:
+        ds = _load(root, on_bad_record="skip")
+    finally:
+        logger.removeHandler(handler)
+    assert any("skipped 2 bad records (task: 1, <json>: 1)" in m for m in messages), messages
     assert [ds.get_data_info(i)["id"] for i in range(len(ds))] == ["toy/0", "toy/2"]
     assert [(e.line, e.field) for e in ds.bad_records] == [(2, "task"), (4, "<json>")]
 

@@ -1,4 +1,5 @@
 """Registry parent chain: one default scope finds groma_px, region_proposer and mmengine classes."""
+
 import mmengine.runner  # noqa: F401  (registers mmengine's hooks, as any training script does)
 import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS

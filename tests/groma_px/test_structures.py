@@ -1,4 +1,5 @@
 """RegionTokens and GroundedResponse contracts."""
+
 import json
 
 import pytest
@@ -14,9 +15,12 @@ from groma_px.structures import (
 
 
 def _tokens(b=2, k=4, d=8, **over):
-    fields = dict(tokens=torch.randn(b, k, d), boxes=torch.rand(b, k, 4),
-                  valid=torch.ones(b, k, dtype=torch.bool),
-                  source=torch.full((b, k), int(RegionSource.PROPOSER)))
+    fields = dict(
+        tokens=torch.randn(b, k, d),
+        boxes=torch.rand(b, k, 4),
+        valid=torch.ones(b, k, dtype=torch.bool),
+        source=torch.full((b, k), int(RegionSource.PROPOSER)),
+    )
     fields.update(over)
     return RegionTokens(**fields)
 
@@ -46,8 +50,10 @@ def test_grounded_response_roundtrip_json():
     resp = GroundedResponse(
         text=text,
         spans=(GroundedSpan(0, 7, (0,)), GroundedSpan(12, 19, (1,))),
-        regions=(GroundedRegion((1, 2, 30, 40), 0.9, "proposer"),
-                 GroundedRegion((5, 5, 6, 6), 1.0, "user")),
+        regions=(
+            GroundedRegion((1, 2, 30, 40), 0.9, "proposer"),
+            GroundedRegion((5, 5, 6, 6), 1.0, "user"),
+        ),
         raw_text="<p>the dog</p><roi><r0></roi> and <p>the cat</p><roi><r1></roi>",
     )
     assert resp.phrase(0) == "the dog" and resp.phrase(1) == "the cat"
@@ -60,8 +66,11 @@ def test_grounded_response_errors():
     with pytest.raises(ValueError, match=r"spans\[0\] = \[0, 50\) lies outside"):
         GroundedResponse(text="short", spans=(GroundedSpan(0, 50, ()),))
     with pytest.raises(ValueError, match=r"spans\[0\] cites regions \[2\]"):
-        GroundedResponse(text="short", spans=(GroundedSpan(0, 5, (2,)),),
-                         regions=(GroundedRegion((0, 0, 1, 1), 1.0, "user"),))
+        GroundedResponse(
+            text="short",
+            spans=(GroundedSpan(0, 5, (2,)),),
+            regions=(GroundedRegion((0, 0, 1, 1), 1.0, "user"),),
+        )
     with pytest.raises(ValueError, match="GroundedRegion.score"):
         GroundedRegion((0, 0, 1, 1), 1.5, "user")
     with pytest.raises(ValueError, match="GroundedRegion.source"):

@@ -1,4 +1,5 @@
 """Box-format conversions against hand-computed cases."""
+
 import pytest
 import torch
 
@@ -27,7 +28,9 @@ def test_batched_per_image_sizes():
     boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0]], [[0.0, 0.0, 0.5, 0.25]]])  # (B=2, N=1, 4)
     sizes = torch.tensor([[100, 200], [40, 80]])
     out = denormalize_boxes(boxes, sizes)
-    torch.testing.assert_close(out, torch.tensor([[[100.0, 50.0, 200.0, 100.0]], [[0.0, 0.0, 40.0, 10.0]]]))
+    torch.testing.assert_close(
+        out, torch.tensor([[[100.0, 50.0, 200.0, 100.0]], [[0.0, 0.0, 40.0, 10.0]]])
+    )
     torch.testing.assert_close(normalize_boxes(out, sizes), boxes)
 
 

@@ -1,4 +1,5 @@
 """FeaturePyramid and Proposals: construction checks name the offending field."""
+
 import pytest
 import torch
 
@@ -35,12 +36,16 @@ def test_pyramid_rejects_batch_mismatch_and_rank():
     with pytest.raises(ValueError, match=r"maps\[0\] must have 4 dims"):
         FeaturePyramid.from_maps([torch.randn(8, 56, 64)], image_size=(224, 256))
     with pytest.raises(TypeError, match="floating point"):
-        FeaturePyramid.from_maps([torch.zeros(1, 8, 56, 64, dtype=torch.long)], image_size=(224, 256))
+        FeaturePyramid.from_maps(
+            [torch.zeros(1, 8, 56, 64, dtype=torch.long)], image_size=(224, 256)
+        )
 
 
 def test_pyramid_valid_sizes_checked():
     maps = _maps()
-    ok = FeaturePyramid.from_maps(maps, (224, 256), valid_sizes=torch.tensor([[224, 200], [100, 256]]))
+    ok = FeaturePyramid.from_maps(
+        maps, (224, 256), valid_sizes=torch.tensor([[224, 200], [100, 256]])
+    )
     assert ok.valid_sizes is not None
     with pytest.raises(ValueError, match="valid_sizes"):
         FeaturePyramid.from_maps(maps, (224, 256), valid_sizes=torch.tensor([[225, 200], [1, 1]]))
@@ -55,20 +60,34 @@ def test_pyramid_is_frozen():
 
 
 def test_proposals_shapes_and_errors():
-    p = Proposals(boxes=torch.rand(2, 5, 4), scores=torch.rand(2, 5),
-                  valid=torch.ones(2, 5, dtype=torch.bool), embeddings=torch.randn(2, 5, 16))
+    p = Proposals(
+        boxes=torch.rand(2, 5, 4),
+        scores=torch.rand(2, 5),
+        valid=torch.ones(2, 5, dtype=torch.bool),
+        embeddings=torch.randn(2, 5, 16),
+    )
     assert p.batch_size == 2 and p.num_proposals == 5
     with pytest.raises(ValueError, match=r"Proposals.scores has leading dims \(2, 4\)"):
-        Proposals(boxes=torch.rand(2, 5, 4), scores=torch.rand(2, 4),
-                  valid=torch.ones(2, 5, dtype=torch.bool))
+        Proposals(
+            boxes=torch.rand(2, 5, 4),
+            scores=torch.rand(2, 4),
+            valid=torch.ones(2, 5, dtype=torch.bool),
+        )
     with pytest.raises(TypeError, match=r"Proposals.valid must have dtype"):
         Proposals(boxes=torch.rand(2, 5, 4), scores=torch.rand(2, 5), valid=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"Proposals.boxes must have last dim 4"):
-        Proposals(boxes=torch.rand(2, 5, 5), scores=torch.rand(2, 5),
-                  valid=torch.ones(2, 5, dtype=torch.bool))
+        Proposals(
+            boxes=torch.rand(2, 5, 5),
+            scores=torch.rand(2, 5),
+            valid=torch.ones(2, 5, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match=r"Proposals.embeddings has leading dims"):
-        Proposals(boxes=torch.rand(2, 5, 4), scores=torch.rand(2, 5),
-                  valid=torch.ones(2, 5, dtype=torch.bool), embeddings=torch.randn(2, 6, 16))
+        Proposals(
+            boxes=torch.rand(2, 5, 4),
+            scores=torch.rand(2, 5),
+            valid=torch.ones(2, 5, dtype=torch.bool),
+            embeddings=torch.randn(2, 6, 16),
+        )
 
 
 def test_proposals_empty():

@@ -23,4 +23,6 @@ val_dataloader = dict(
     collate_fn=dict(type="pseudo_collate"),
     dataset=dict(_dataset, ann_file="val.jsonl", test_mode=True),
 )
-test_dataloader = dict(val_dataloader, dataset=dict(_dataset, ann_file="test.jsonl", test_mode=True))
+test_dataloader = dict(
+    val_dataloader, dataset=dict(_dataset, ann_file="test.jsonl", test_mode=True)
+)
