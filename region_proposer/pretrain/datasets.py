@@ -1,0 +1,101 @@
+"""``CocoBoxDataset``: class-agnostic boxes from a COCO-format instances JSON (stage-1 data)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mmengine.dataset import BaseDataset
+from mmengine.logging import MMLogger
+from pycocotools.coco import COCO
+
+from ..registry import DATASETS
+
+
+@DATASETS.register_module()
+class CocoBoxDataset(BaseDataset):
+    """Every annotated box of a COCO instances file, as one class ("object").
+
+    Crowd annotations (``iscrowd=1``) are not proposals targets and are left out. A box with
+    non-positive width/height or outside its image raises an error naming the file and
+    annotation id; ``on_bad_box='skip'`` drops such boxes instead and logs how many.
+
+    Args:
+        ann_file: COCO instances JSON, relative to ``data_root`` unless absolute.
+        data_root: Root that image ``file_name``s are relative to.
+        source: Dataset name stored in each sample (selects the objectness head trained on it).
+        filter_empty: Leave out images without boxes. Defaults to False (they teach "no object").
+        on_bad_box: ``"raise"`` (default) or ``"skip"``.
+        **kwargs: Passed to ``mmengine.dataset.BaseDataset`` (``pipeline``, ``test_mode``, ...).
+    """
+
+    def __init__(
+        self,
+        ann_file: str,
+        data_root: str = "",
+        *,
+        source: str = "default",
+        filter_empty: bool = False,
+        on_bad_box: str = "raise",
+        **kwargs: Any,
+    ) -> None:
+        if on_bad_box not in ("raise", "skip"):
+            raise ValueError(f"on_bad_box must be 'raise' or 'skip', got {on_bad_box!r}")
+        self.source, self.filter_empty, self.on_bad_box = source, filter_empty, on_bad_box
+        self.num_bad_boxes = 0
+        super().__init__(ann_file=ann_file, data_root=data_root, **kwargs)
+
+    def load_data_list(self) -> list[dict[str, Any]]:
+        """One entry per image: ``img_path``, ``img_id``, ``sample_id``, ``gt_bboxes`` (M, 4)."""
+        if not Path(self.ann_file).is_file():
+            raise FileNotFoundError(f"annotation file not found: {self.ann_file}")
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO(self.ann_file)
+        data_list = []
+        for img_id in sorted(coco.getImgIds()):
+            info = coco.loadImgs(img_id)[0]
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+            boxes = self._boxes(anns, info)
+            if self.filter_empty and len(boxes) == 0:
+                continue
+            data_list.append(
+                {
+                    "img_path": str(Path(self.data_root) / info["file_name"]),
+                    "img_id": img_id,
+                    "sample_id": f"{self.source}/{img_id}",
+                    "source": self.source,
+                    "height": info["height"],
+                    "width": info["width"],
+                    "gt_bboxes": boxes,
+                }
+            )
+        if self.num_bad_boxes:
+            MMLogger.get_current_instance().warning(
+                f"{self.ann_file}: skipped {self.num_bad_boxes} degenerate or out-of-image boxes"
+            )
+        return data_list
+
+    def _boxes(self, anns: list[dict[str, Any]], info: dict[str, Any]) -> np.ndarray:
+        boxes = []
+        for ann in anns:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            problem = None
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+                problem = f"degenerate bbox {ann['bbox']} (xywh)"
+            elif x < 0 or y < 0 or x + w > info["width"] + 1e-3 or y + h > info["height"] + 1e-3:
+                problem = (
+                    f"bbox {ann['bbox']} lies outside the {info['width']}x{info['height']} image"
+                )
+            if problem is None:
+                boxes.append([x, y, x + w, y + h])
+            elif self.on_bad_box == "raise":
+                raise ValueError(f"{self.ann_file}: annotation id {ann['id']}: {problem}")
+            else:
+                self.num_bad_boxes += 1
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -1,0 +1,113 @@
+"""``ProposerPretrainer``: stage-1 class-agnostic detection training of backbone + proposer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mmengine.model import BaseModel
+from mmengine.structures import BaseDataElement, InstanceData
+from torch import Tensor
+
+from ..box_ops import denormalize_boxes, normalize_boxes
+from ..registry import MODELS
+from ..structures import FeaturePyramid, Proposals
+from .transforms import to_original_boxes
+
+
+@MODELS.register_module()
+class ProposerPretrainer(BaseModel):
+    """Backbone + proposer, trained on class-agnostic boxes (Groma stage 1).
+
+    Whether the backbone trains is the encoder's ``frozen`` flag in config. ``forward`` modes:
+    ``loss`` -> dict of losses; ``predict`` -> data samples with ``pred_instances`` (boxes in
+    original-image pixels, scores) and ``gt_original``; ``tensor`` -> ``Proposals``.
+
+    Args:
+        backbone: ``VisionBackbone`` config.
+        proposer: Proposer config (any ``BaseProposer``).
+        consumer: Which of the backbone's pyramids feeds the proposer. Defaults to "proposer".
+        data_preprocessor: ``ProposerDataPreprocessor`` config.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: dict,
+        proposer: dict,
+        consumer: str = "proposer",
+        data_preprocessor: dict | None = None,
+    ) -> None:
+        super().__init__(data_preprocessor=data_preprocessor)
+        self.backbone = MODELS.build(backbone)
+        self.proposer = MODELS.build(proposer)
+        self.consumer = consumer
+
+    def extract_feats(self, inputs: Tensor, valid_sizes: Tensor | None) -> FeaturePyramid:
+        """The proposer's pyramid for a padded batch (B, 3, H, W)."""
+        pyramids = self.backbone(inputs, valid_sizes)
+        if self.consumer not in pyramids:
+            raise KeyError(f"backbone has no output {self.consumer!r}; outputs: {sorted(pyramids)}")
+        return pyramids[self.consumer]
+
+    @staticmethod
+    def _instances(data_samples: list[BaseDataElement], valid_sizes: Tensor) -> list[InstanceData]:
+        """Ground truth normalised to each unpadded image, with sample id and source."""
+        instances = []
+        for sample, size in zip(data_samples, valid_sizes, strict=True):
+            boxes = sample.gt_instances.bboxes if "gt_instances" in sample else torch.zeros(0, 4)
+            meta = {
+                "sample_id": sample.metainfo.get("sample_id"),
+                "source": sample.metainfo.get("source"),
+            }
+            instances.append(
+                InstanceData(metainfo=meta, bboxes=normalize_boxes(boxes.to(size.device), size))
+            )
+        return instances
+
+    def forward(
+        self,
+        inputs: Tensor,
+        data_samples: list[BaseDataElement] | None = None,
+        valid_sizes: Tensor | None = None,
+        mode: str = "tensor",
+    ) -> dict[str, Tensor] | list[BaseDataElement] | Proposals:
+        """See the class docstring; ``valid_sizes`` (B, 2) come from the data preprocessor."""
+        if valid_sizes is None:
+            valid_sizes = torch.tensor([inputs.shape[-2:]] * len(inputs), device=inputs.device)
+        feats = self.extract_feats(inputs, valid_sizes)
+        instances = self._instances(data_samples, valid_sizes) if data_samples is not None else None
+        if mode == "loss":
+            if instances is None:
+                raise ValueError("mode='loss' needs data_samples with gt_instances")
+            _, losses = self.proposer.loss(feats, instances)
+            return losses
+        proposals = self.proposer(feats, instances)
+        if mode == "tensor":
+            return proposals
+        if mode == "predict":
+            return self._pack_predictions(proposals, data_samples or [], valid_sizes)
+        raise ValueError(f"unknown mode {mode!r}; expected 'loss', 'predict' or 'tensor'")
+
+    @staticmethod
+    def _pack_predictions(
+        proposals: Proposals, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> list[BaseDataElement]:
+        for i, sample in enumerate(data_samples):
+            valid = proposals.valid[i]
+            boxes = denormalize_boxes(proposals.boxes[i][valid], valid_sizes[i])
+            sample.pred_instances = InstanceData(
+                bboxes=to_original_boxes(boxes, sample.metainfo), scores=proposals.scores[i][valid]
+            )
+            gt = sample.gt_instances.bboxes if "gt_instances" in sample else boxes.new_zeros(0, 4)
+            sample.gt_original = to_original_boxes(gt, sample.metainfo)
+        return data_samples
+
+    @torch.no_grad()
+    def extract_proposals(self, data: dict[str, Any]) -> tuple[list[str], Proposals]:
+        """Sample ids and raw proposals of a dataloader batch (used by tools/cache_proposals.py)."""
+        data = self.data_preprocessor(data, False)
+        proposals = self(
+            data["inputs"], data["data_samples"], data.get("valid_sizes"), mode="tensor"
+        )
+        return [s.metainfo["sample_id"] for s in data["data_samples"]], proposals
