@@ -24,7 +24,15 @@ MODELS = Registry(
     "model",
     parent=PROPOSER_MODELS,
     scope=SCOPE,
-    locations=["groma_px.models", "region_proposer.proposers"],
+    locations=[
+        "groma_px.models",
+        "region_proposer.proposers",
+        "region_proposer.backbones",
+        "region_proposer.pretrain",
+        "region_proposer.heads",
+        "region_proposer.matching",
+        "region_proposer.losses",
+    ],
 )
 DATASETS = Registry(
     "dataset",

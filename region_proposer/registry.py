@@ -14,7 +14,14 @@ MODELS = Registry(
     "model",
     parent=MMENGINE_MODELS,
     scope="region_proposer",
-    locations=["region_proposer.proposers"],
+    locations=[
+        "region_proposer.proposers",
+        "region_proposer.backbones",
+        "region_proposer.pretrain",
+        "region_proposer.heads",
+        "region_proposer.matching",
+        "region_proposer.losses",
+    ],
 )
 DATASETS = Registry(
     "dataset",

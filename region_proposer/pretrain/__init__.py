@@ -1,12 +1,15 @@
 """Stage-1 class-agnostic detection pre-training: model wrapper, box datasets, transforms."""
-
+from .data_preprocessor import ProposerDataPreprocessor
 from .datasets import CocoBoxDataset
+from .model import ProposerPretrainer
 from .transforms import LoadImage, PackProposerInputs, RandomCrop, RandomFlip, Resize
 
 __all__ = [
     "CocoBoxDataset",
     "LoadImage",
     "PackProposerInputs",
+    "ProposerDataPreprocessor",
+    "ProposerPretrainer",
     "RandomCrop",
     "RandomFlip",
     "Resize",
