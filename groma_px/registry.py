@@ -1,64 +1,62 @@
 """mmengine registries of ``groma_px`` (scope ``groma_px``).
 
-Each registry's parent is ``region_proposer``'s registry of the same kind where one exists (else
-mmengine's), mirroring the import direction: under ``default_scope='groma_px'`` a build finds
+Each registry's parent is ``region_proposer``'s registry of the same kind, whose parent is
+mmengine's, mirroring the import direction: under ``default_scope='groma_px'`` a build finds
 ``groma_px`` classes first, then proposers, then mmengine's own. Parent lookups skip the parent's
 ``locations``, so the proposer modules are listed here as well.
 """
 
-from mmengine.registry import EVALUATOR as MMENGINE_EVALUATOR
-from mmengine.registry import HOOKS as MMENGINE_HOOKS
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
-from mmengine.registry import VISBACKENDS as MMENGINE_VISBACKENDS
-from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
 
-from region_proposer.registry import DATASETS as PROPOSER_DATASETS
-from region_proposer.registry import METRICS as PROPOSER_METRICS
-from region_proposer.registry import MODELS as PROPOSER_MODELS
-from region_proposer.registry import TRANSFORMS as PROPOSER_TRANSFORMS
+from region_proposer import registry as _rp
 
 SCOPE = "groma_px"
 
 MODELS = Registry(
     "model",
-    parent=PROPOSER_MODELS,
+    parent=_rp.MODELS,
     scope=SCOPE,
-    locations=[
-        "groma_px.models",
-        "region_proposer.proposers",
-        "region_proposer.backbones",
-        "region_proposer.pretrain",
-        "region_proposer.heads",
-        "region_proposer.matching",
-        "region_proposer.losses",
-    ],
+    locations=["groma_px.models", *_rp._PROPOSER_MODULES],
 )
 DATASETS = Registry(
     "dataset",
-    parent=PROPOSER_DATASETS,
+    parent=_rp.DATASETS,
     scope=SCOPE,
     locations=["groma_px.data", "region_proposer.pretrain"],
 )
 TRANSFORMS = Registry(
     "transform",
-    parent=PROPOSER_TRANSFORMS,
+    parent=_rp.TRANSFORMS,
     scope=SCOPE,
     locations=["groma_px.data", "region_proposer.pretrain"],
 )
 METRICS = Registry(
     "metric",
-    parent=PROPOSER_METRICS,
+    parent=_rp.METRICS,
     scope=SCOPE,
     locations=["groma_px.evaluation", "region_proposer.evaluation"],
 )
-EVALUATOR = Registry("evaluator", parent=MMENGINE_EVALUATOR, scope=SCOPE)
-HOOKS = Registry("hook", parent=MMENGINE_HOOKS, scope=SCOPE, locations=["groma_px.engine"])
+HOOKS = Registry("hook", parent=_rp.HOOKS, scope=SCOPE, locations=["groma_px.engine"])
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     "optimizer wrapper constructor",
-    parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
+    parent=_rp.OPTIM_WRAPPER_CONSTRUCTORS,
     scope=SCOPE,
     locations=["groma_px.engine"],
 )
-VISUALIZERS = Registry("visualizer", parent=MMENGINE_VISUALIZERS, scope=SCOPE)
-VISBACKENDS = Registry("vis_backend", parent=MMENGINE_VISBACKENDS, scope=SCOPE)
+DATA_SAMPLERS = Registry("data sampler", parent=_rp.DATA_SAMPLERS, scope=SCOPE)
+EVALUATOR = Registry("evaluator", parent=_rp.EVALUATOR, scope=SCOPE)
+FUNCTIONS = Registry("function", parent=_rp.FUNCTIONS, scope=SCOPE)
+LOG_PROCESSORS = Registry("log_processor", parent=_rp.LOG_PROCESSORS, scope=SCOPE)
+LOOPS = Registry("loop", parent=_rp.LOOPS, scope=SCOPE)
+MODEL_WRAPPERS = Registry("model_wrapper", parent=_rp.MODEL_WRAPPERS, scope=SCOPE)
+OPTIM_WRAPPERS = Registry("optim_wrapper", parent=_rp.OPTIM_WRAPPERS, scope=SCOPE)
+OPTIMIZERS = Registry("optimizer", parent=_rp.OPTIMIZERS, scope=SCOPE)
+PARAM_SCHEDULERS = Registry("parameter scheduler", parent=_rp.PARAM_SCHEDULERS, scope=SCOPE)
+RUNNERS = Registry("runner", parent=_rp.RUNNERS, scope=SCOPE)
+RUNNER_CONSTRUCTORS = Registry("runner constructor", parent=_rp.RUNNER_CONSTRUCTORS, scope=SCOPE)
+STRATEGIES = Registry("strategy", parent=_rp.STRATEGIES, scope=SCOPE)
+TASK_UTILS = Registry("task util", parent=_rp.TASK_UTILS, scope=SCOPE)
+VISBACKENDS = Registry("vis_backend", parent=_rp.VISBACKENDS, scope=SCOPE)
+VISUALIZERS = Registry("visualizer", parent=_rp.VISUALIZERS, scope=SCOPE)
+WEIGHT_INITIALIZERS = Registry("weight initializer", parent=_rp.WEIGHT_INITIALIZERS, scope=SCOPE)
+INFERENCERS = Registry("inferencer", parent=_rp.INFERENCERS, scope=SCOPE)

@@ -24,14 +24,14 @@ class ObjectnessHeads(nn.Module):
     Datasets label "objects" differently (COCO: 80 categories; SA-1B: every part and stuff
     region), so Groma trains one head per source and fuses them at inference
     (``coco ** 0.4 * sa1b ** 0.6``). Here that is a preset:
-    ``fusion=dict(type="geometric", weights=dict(coco=0.4, sa1b=0.6))``.
+    ``fusion=dict(rule="geometric", weights=dict(coco=0.4, sa1b=0.6))``.
 
     Args:
         in_dim: Width D of the query features.
         sources: Names of the data sources, one head each. Defaults to ``("default",)``.
         fusion: Fusion rule: None (the only head, or the ``"default"`` head),
-            ``dict(type="geometric", weights={source: w})`` (prod of sigmoid ** w over the
-            weighted sources), ``dict(type="mean")`` or ``dict(type="max")`` (over all heads).
+            ``dict(rule="geometric", weights={source: w})`` (prod of sigmoid ** w over the
+            weighted sources), ``dict(rule="mean")`` or ``dict(rule="max")`` (over all heads).
             Defaults to None.
         prior_prob: Initial foreground probability of every head (focal-loss prior, Lin et al.
             2017). Defaults to 0.01.
@@ -81,7 +81,7 @@ class ObjectnessHeads(nn.Module):
         Returns:
             (B, N) scores in [0, 1].
         """
-        rule = self.fusion["type"]
+        rule = self.fusion["rule"]
         if rule == "single":
             names = [self.fusion["source"]]
         else:
@@ -139,25 +139,25 @@ class ObjectnessHeads(nn.Module):
     def _check_fusion(self, fusion: dict | None) -> dict:
         if fusion is None:
             if len(self.sources) == 1:
-                return {"type": "single", "source": self.sources[0]}
+                return {"rule": "single", "source": self.sources[0]}
             if DEFAULT_SOURCE in self.sources:
-                return {"type": "single", "source": DEFAULT_SOURCE}
+                return {"rule": "single", "source": DEFAULT_SOURCE}
             raise ValueError(
                 f"sources {list(self.sources)} need a fusion rule (no {DEFAULT_SOURCE!r} head); "
-                f"set fusion=dict(type=...) with type in {FUSION_TYPES}"
+                f"set fusion=dict(rule=...) with rule in {FUSION_TYPES}"
             )
         fusion = dict(fusion)
-        rule = fusion.pop("type", None)
+        rule = fusion.pop("rule", None)
         if rule not in FUSION_TYPES:
-            raise ValueError(f"fusion type must be one of {FUSION_TYPES}, got {rule!r}")
+            raise ValueError(f"fusion rule must be one of {FUSION_TYPES}, got {rule!r}")
         weights = fusion.pop("weights", None)
         if fusion:
-            raise ValueError(f"unknown fusion keys {sorted(fusion)} for type {rule!r}")
+            raise ValueError(f"unknown fusion keys {sorted(fusion)} for rule {rule!r}")
         if rule != "geometric":
             if weights is not None:
-                raise ValueError(f"fusion type {rule!r} takes no weights")
-            return {"type": rule}
-        return {"type": rule, "weights": self._check_weights(weights)}
+                raise ValueError(f"fusion rule {rule!r} takes no weights")
+            return {"rule": rule}
+        return {"rule": rule, "weights": self._check_weights(weights)}
 
     def _check_weights(self, weights: dict | None) -> dict[str, float]:
         if not weights:

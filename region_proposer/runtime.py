@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import difflib
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from mmengine.config import Config
 from mmengine.runner import CheckpointLoader
 
 _PATCHED = False
@@ -41,15 +43,54 @@ def init_cpu_distributed(launcher: str) -> None:
         dist.init_process_group(backend="gloo")
 
 
+#: Where the variable a preset file defines goes in an experiment config.
+PRESET_TARGETS = {"proposer": ("model", "proposer"), "backbone": ("model", "backbone")}
+
+
+def _configs_root(cfg: Any) -> Path:
+    """The ``configs/`` directory of a config file (the nearest ancestor holding ``_base_``)."""
+    for parent in Path(cfg.filename).resolve().parents:
+        if (parent / "_base_").is_dir():
+            return parent
+    raise FileNotFoundError(f"no configs root (a folder with _base_/) above {cfg.filename}")
+
+
+def apply_preset(cfg: Any, name: str) -> None:
+    """Replaces whole components with a preset file's, e.g. ``tiny/proposers/gt``.
+
+    A preset defines one of :data:`PRESET_TARGETS` (``proposer = dict(...)``); the component at
+    that place in ``cfg`` is replaced, not merged, so no keyword of the old type survives.
+    """
+    path = _configs_root(cfg) / f"{name.removesuffix('.py')}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"preset {name!r} not found: {path}")
+    preset = Config.fromfile(str(path))
+    found = [key for key in PRESET_TARGETS if key in preset]
+    if not found:
+        raise KeyError(f"preset {path} defines none of {sorted(PRESET_TARGETS)}")
+    for key in found:
+        parent, leaf = PRESET_TARGETS[key]
+        if parent not in cfg or leaf not in cfg[parent]:
+            raise KeyError(f"preset {name!r}: the config has no {parent}.{leaf} to replace")
+        cfg[parent][leaf] = preset[key]
+        if key in cfg:
+            cfg[key] = preset[key]
+
+
 def apply_cfg_options(cfg: Any, options: dict[str, Any] | None) -> None:
     """Merges ``--cfg-options`` into ``cfg``, refusing keys the config does not have.
 
     mmengine would silently add a misspelt key (``model.proposer.num_querys=50``) and train with
-    the default; here the error names the key and the closest existing ones. A ``dict`` value
-    replaces or extends a sub-dict only where its parent exists.
+    the default; here the error names the key and the closest existing ones. The special key
+    ``preset`` (one name or a list) applies preset files first (:func:`apply_preset`), so
+    ``--cfg-options preset=tiny/proposers/gt`` swaps the proposer in one option.
     """
     if not options:
         return
+    options = dict(options)
+    presets = options.pop("preset", [])
+    for name in [presets] if isinstance(presets, str) else presets:
+        apply_preset(cfg, name)
     for key in options:
         node, parts = cfg, key.split(".")
         for depth, part in enumerate(parts):

@@ -16,8 +16,10 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from region_proposer.proposers.cached import config_hash, write_proposal_cache
+from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,13 +34,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def iter_proposals(
-    model: torch.nn.Module, loader: Iterator
+    model: torch.nn.Module, loader: DataLoader
 ) -> Iterator[tuple[str, Tensor, Tensor, Tensor | None]]:
     """Yields ``(sample_id, boxes, scores, embeddings)`` of the valid proposals of each sample."""
     model.eval()
     with torch.no_grad():
-        for data in loader:
+        for step, data in enumerate(loader, start=1):
             sample_ids, proposals = model.extract_proposals(data)
+            if step % 20 == 0 or step == len(loader):
+                print(f"  batch {step}/{len(loader)}", flush=True)
             for i, sample_id in enumerate(sample_ids):
                 keep = proposals.valid[i]
                 embeddings = proposals.embeddings
@@ -52,9 +56,9 @@ def iter_proposals(
 
 def main() -> None:
     args = parse_args()
+    patch_checkpoint_loader()
     cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    apply_cfg_options(cfg, args.cfg_options)
     name = osp.splitext(osp.basename(args.config))[0]
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", name)
     cfg.load_from = None  # the checkpoint is loaded explicitly below

@@ -51,6 +51,7 @@ class BlockFusionNeck(nn.Module):
         self.blocks = tuple(blocks)
         self.fuse = fuse
         self.out_channels = out_channels
+        self.num_levels = len(scales)
         pyramid_scales = [tuple(scales)] if fuse == "mean" else [(s,) for s in scales]
         if fuse == "levels" and any(a < b for a, b in zip(scales, scales[1:], strict=False)):
             raise ValueError(f"output {name!r}: scales {tuple(scales)} must be finest first")
@@ -125,6 +126,12 @@ class VisionBackbone(nn.Module):
         if consumer not in self.necks:
             raise KeyError(f"no output {consumer!r}; outputs are {self.consumers}")
         return self.necks[consumer].out_channels
+
+    def num_levels(self, consumer: str) -> int:
+        """Number of maps in ``consumer``'s pyramid."""
+        if consumer not in self.necks:
+            raise KeyError(f"no output {consumer!r}; outputs are {self.consumers}")
+        return self.necks[consumer].num_levels
 
     def forward(
         self, images: Tensor, valid_sizes: Tensor | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -40,8 +41,30 @@ class ProposerPretrainer(BaseModel):
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         self.backbone = MODELS.build(backbone)
-        self.proposer = MODELS.build(proposer)
         self.consumer = consumer
+        self.proposer = MODELS.build(self._derive_in_channels(proposer))
+        self._check_padding()
+
+    def _derive_in_channels(self, proposer: dict) -> dict:
+        """Fills the proposer's ``in_channels`` (one per level) from the backbone, so widths and
+        level counts are derived once, from the backbone config."""
+        cfg = dict(proposer)
+        proposer_cls = MODELS.get(cfg["type"]) if isinstance(cfg.get("type"), str) else cfg.get("type")
+        if proposer_cls is None:
+            raise KeyError(f"proposer type {cfg.get('type')!r} is not registered")
+        if "in_channels" in inspect.signature(proposer_cls.__init__).parameters:
+            channels = self.backbone.out_channels(self.consumer)
+            cfg.setdefault("in_channels", [channels] * self.backbone.num_levels(self.consumer))
+        return cfg
+
+    def _check_padding(self) -> None:
+        divisor = getattr(self.data_preprocessor, "pad_size_divisor", None)
+        patch = getattr(self.backbone, "patch_size", None)
+        if divisor is not None and patch is not None and divisor % patch:
+            raise ValueError(
+                f"data_preprocessor.pad_size_divisor={divisor} must be a multiple of the "
+                f"backbone patch size {patch}"
+            )
 
     def extract_feats(self, inputs: Tensor, valid_sizes: Tensor | None) -> FeaturePyramid:
         """The proposer's pyramid for a padded batch (B, 3, H, W)."""

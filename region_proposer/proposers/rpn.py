@@ -40,7 +40,7 @@ class RPNProposer(BaseProposer):
     coder, IoU matcher, fg/bg sampler, NMS filtering and losses.
 
     Args:
-        in_channels: Channels of every pyramid level.
+        in_channels: Channels of every pyramid level (an int, or one equal value per level).
         anchor_scales: Anchor sizes relative to each level's stride (size = scale * stride).
             Defaults to ``(8.0,)`` (32 px anchors at stride 4, as in FPN).
         anchor_sizes: Absolute anchor sizes in pixels, one sequence per level; overrides
@@ -62,7 +62,7 @@ class RPNProposer(BaseProposer):
     def __init__(
         self,
         *,
-        in_channels: int,
+        in_channels: int | Sequence[int],
         anchor_scales: Sequence[float] = (8.0,),
         anchor_sizes: Sequence[Sequence[float]] | None = None,
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -77,6 +77,11 @@ class RPNProposer(BaseProposer):
         score_thresh: float = 0.0,
     ) -> None:
         super().__init__()
+        if not isinstance(in_channels, int):
+            if len(set(in_channels)) != 1:
+                raise ValueError(f"RPNProposer shares one head across levels; got in_channels "
+                                 f"{list(in_channels)}")
+            in_channels = int(in_channels[0])
         self.in_channels = in_channels
         self.anchor_scales = tuple(float(s) for s in anchor_scales)
         self.anchor_sizes = _check_anchor_sizes(anchor_sizes)

@@ -8,7 +8,7 @@ import torch
 from region_proposer.heads import ObjectnessHeads
 from region_proposer.registry import MODELS
 
-GROMA = dict(type="geometric", weights=dict(coco=0.4, sa1b=0.6))
+GROMA = dict(rule="geometric", weights=dict(coco=0.4, sa1b=0.6))
 
 
 def test_one_head_per_source_with_focal_prior():
@@ -45,7 +45,7 @@ def test_geometric_fusion_is_stable_for_very_negative_logits():
 
 @pytest.mark.parametrize("rule", ["mean", "max"])
 def test_mean_and_max(rule):
-    heads = ObjectnessHeads(in_dim=4, sources=("a", "b", "c"), fusion=dict(type=rule))
+    heads = ObjectnessHeads(in_dim=4, sources=("a", "b", "c"), fusion=dict(rule=rule))
     logits = {name: torch.randn(2, 3, 1) for name in ("a", "b", "c")}
     probs = torch.stack([logits[name][..., 0].sigmoid() for name in ("a", "b", "c")])
     expected = probs.mean(0) if rule == "mean" else probs.max(0).values
@@ -53,7 +53,7 @@ def test_mean_and_max(rule):
 
 
 def test_head_for_and_select():
-    heads = ObjectnessHeads(in_dim=4, sources=("default", "sa1b"), fusion=dict(type="max"))
+    heads = ObjectnessHeads(in_dim=4, sources=("default", "sa1b"), fusion=dict(rule="max"))
     assert heads.head_for("sa1b") == "sa1b"
     assert heads.head_for("refcoco") == "default" and heads.head_for(None) == "default"
     logits = heads(torch.randn(2, 3, 4))
@@ -70,18 +70,18 @@ def test_config_errors():
         ObjectnessHeads(
             in_dim=4,
             sources=("coco", "sa1b"),
-            fusion=dict(type="geometric", weights=dict(lvis=1.0)),
+            fusion=dict(rule="geometric", weights=dict(lvis=1.0)),
         )
     with pytest.raises(ValueError, match="need a fusion rule"):
         ObjectnessHeads(in_dim=4, sources=("coco", "sa1b"))
-    with pytest.raises(ValueError, match="fusion type"):
-        ObjectnessHeads(in_dim=4, fusion=dict(type="product"))
+    with pytest.raises(ValueError, match="fusion rule must be one of"):
+        ObjectnessHeads(in_dim=4, fusion=dict(rule="product"))
     with pytest.raises(ValueError, match=">= 0"):
         ObjectnessHeads(
-            in_dim=4, sources=("a", "b"), fusion=dict(type="geometric", weights=dict(a=-1.0))
+            in_dim=4, sources=("a", "b"), fusion=dict(rule="geometric", weights=dict(a=-1.0))
         )
     with pytest.raises(ValueError, match="unique"):
-        ObjectnessHeads(in_dim=4, sources=("a", "a"), fusion=dict(type="mean"))
+        ObjectnessHeads(in_dim=4, sources=("a", "a"), fusion=dict(rule="mean"))
     heads = ObjectnessHeads(in_dim=4, sources=("coco", "sa1b"), fusion=GROMA)
     with pytest.raises(KeyError, match="sa1b"):
         heads.fuse({"coco": torch.zeros(1, 2, 1)})

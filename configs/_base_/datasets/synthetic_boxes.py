@@ -1,0 +1,57 @@
+# Class-agnostic boxes of the synthetic grounded scenes (stage-1 proposer training and recall).
+data_root = "work_dirs/quickstart/data"
+dataset_type = "CocoBoxDataset"
+image_size = 224  # longer side after resizing
+
+train_pipeline = [
+    dict(type="LoadImage"),
+    dict(type="Resize", max_size=(192, 208, 224, 240, 256)),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="RandomCrop", prob=0.3, crop_ratio_range=(0.7, 1.0), min_area_ratio=0.5),
+    dict(type="PackProposerInputs"),
+]
+test_pipeline = [
+    dict(type="LoadImage"),
+    dict(type="Resize", max_size=image_size),
+    dict(type="PackProposerInputs"),
+]
+
+train_dataloader = dict(
+    batch_size=8,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type="InfiniteSampler", shuffle=True),
+    collate_fn=dict(type="pseudo_collate"),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        ann_file="annotations/instances_train_agnostic.json",
+        source="synthetic",
+        pipeline=train_pipeline,
+    ),
+)
+val_dataloader = dict(
+    batch_size=16,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    collate_fn=dict(type="pseudo_collate"),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        ann_file="annotations/instances_val_agnostic.json",
+        source="synthetic",
+        pipeline=test_pipeline,
+        test_mode=True,
+    ),
+)
+test_dataloader = dict(
+    val_dataloader,
+    dataset=dict(val_dataloader["dataset"], ann_file="annotations/instances_test_agnostic.json"),
+)
+
+# The selection rule of the LLM's region set (score threshold, NMS, top-K); region-set recall
+# measures the ceiling it leaves for referring accuracy.
+region_selection = dict(score_thr=0.05, nms_thr=0.7, top_k=100)
+val_evaluator = dict(type="ProposalRecallMetric", **region_selection)
+test_evaluator = val_evaluator

@@ -1,0 +1,30 @@
+"""Transformer building blocks of the DETR-style proposers: multi-scale deformable attention,
+encoder / decoder layers, pyramid embedding with padding masks, and set-prediction outputs."""
+
+from .ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from .pyramid_input import FlatPyramid, PyramidEmbedding, check_pyramid, padding_masks
+from .set_prediction import LayerPrediction, prediction_losses, proposals_from_prediction
+from .transformer import (
+    MLP,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DETRDecoderLayer,
+    SinePositionEmbedding,
+)
+
+__all__ = [
+    "MLP",
+    "DETRDecoderLayer",
+    "DeformableDecoderLayer",
+    "DeformableEncoder",
+    "FlatPyramid",
+    "LayerPrediction",
+    "MSDeformAttn",
+    "PyramidEmbedding",
+    "SinePositionEmbedding",
+    "check_pyramid",
+    "multi_scale_deformable_attention",
+    "padding_masks",
+    "prediction_losses",
+    "proposals_from_prediction",
+]
