@@ -4,7 +4,9 @@
 
 Today's pipeline (stages that exist so far): generate the synthetic grounded-scenes dataset,
 validate every record through ``GroundedConversationDataset``, train the byte-level BPE tokenizer
-with the grounding tokens, and draw one preview per task. Writes ``WORK_DIR/summary.json``.
+with the grounding tokens, draw one preview per task, then train the stage-1 region proposer
+(``configs/proposer/ddetr_vit-tiny_3k_synthetic.py``) with an mmengine Runner, evaluate its
+proposal recall on the test split and draw its region sets. Writes ``WORK_DIR/summary.json``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mmengine.config import Config
+from mmengine.runner import Runner
+
 from groma_px.data import GroundedConversationDataset
 from groma_px.data.synthetic import generate_dataset
 from groma_px.llm.tokenizer import build_tokenizer_from_jsonl
 from groma_px.llm.vocab import GroundingVocab
 from groma_px.visualization import draw_record
+from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
+from region_proposer.visualization import draw_proposals
 
 SPLITS = ("train", "val", "test")
+STAGE1_CONFIG = (
+    Path(__file__).resolve().parents[1] / "configs/proposer/ddetr_vit-tiny_3k_synthetic.py"
+)
 
 
 def _step(title: str) -> float:
@@ -66,6 +76,31 @@ def _write_previews(ds: GroundedConversationDataset, out_dir: Path) -> list[str]
     return written
 
 
+def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[dict, list[str]]:
+    """Trains and tests the stage-1 proposer; returns test metrics and region-set pictures."""
+    patch_checkpoint_loader()
+    cfg = Config.fromfile(str(STAGE1_CONFIG))
+    options = {f"{split}_dataloader.dataset.data_root": str(data_root) for split in SPLITS}
+    if iters is not None:
+        options.update(
+            {
+                "train_cfg.max_iters": iters,
+                "train_cfg.val_interval": iters,
+                "param_scheduler.1.milestones": [int(iters * 0.8)],
+            }
+        )
+    apply_cfg_options(cfg, options)
+    cfg.work_dir = str(work_dir)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.test()
+    selection = cfg.get("region_selection", {})
+    pictures = draw_proposals(
+        runner.model, runner.test_dataloader, work_dir / "region_sets", num_images=4, **selection
+    )
+    return {k: float(v) for k, v in metrics.items()}, [str(p) for p in pictures]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -77,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--num-region-tokens", type=int, default=100)
+    parser.add_argument(
+        "--stage1-iters",
+        type=int,
+        default=None,
+        help="stage-1 training iterations (default: the config's)",
+    )
     args = parser.parse_args(argv)
     work_dir, timings = Path(args.work_dir), {}
     data_root = work_dir / "data"
 
-    t = _step(f"1/4 generating synthetic grounded scenes -> {data_root}")
+    t = _step(f"1/5 generating synthetic grounded scenes -> {data_root}")
     gen = generate_dataset(
         data_root, args.num_train, args.num_val, args.num_test, args.seed, workers=args.workers
     )
@@ -91,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{gen['seconds']:.1f} s ({gen['images_per_second']:.0f} images/s, {args.workers} workers)"
     )
 
-    t = _step("2/4 validating every record (GroundedConversationDataset)")
+    t = _step("2/5 validating every record (GroundedConversationDataset)")
     datasets = _load_splits(data_root)
     records = _print_table(datasets)
     timings["validate_s"] = time.perf_counter() - t
 
-    t = _step(f"3/4 training the tokenizer -> {work_dir / 'tokenizer'}")
+    t = _step(f"3/5 training the tokenizer -> {work_dir / 'tokenizer'}")
     tokenizer = build_tokenizer_from_jsonl(
         [data_root / "train.jsonl"],
         work_dir / "tokenizer",
@@ -114,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max {max(lengths, default=0)} tokens"
     )
 
-    t = _step(f"4/4 drawing one preview per task -> {work_dir / 'previews'}")
+    t = _step(f"4/5 drawing one preview per task -> {work_dir / 'previews'}")
     previews = _write_previews(datasets["val"], work_dir / "previews")
     timings["previews_s"] = time.perf_counter() - t
 

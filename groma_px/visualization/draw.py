@@ -9,78 +9,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pycocotools import mask as mask_utils
+
+from region_proposer.visualization import draw_regions
 
 from ..data.schema import ASSISTANT, PLACEHOLDER_PATTERN
 from ..structures import GroundedResponse
 
-# Distinct, saturated colours (Tableau 10) cycled over regions.
-PALETTE = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-)
 _PHRASE_SPAN = re.compile(r"<p>(.*?)</p>\s*<roi>(.*?)</roi>", flags=re.S)
-
-
-def _decode_mask(rle: dict[str, Any]) -> np.ndarray:
-    counts = rle["counts"]
-    counts = counts.encode() if isinstance(counts, str) else counts
-    return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
-
-
-def draw_regions(
-    image: Image.Image | np.ndarray,
-    boxes: Sequence[Sequence[float]],
-    labels: Sequence[str] | None = None,
-    masks: Sequence[dict[str, Any] | None] | None = None,
-    *,
-    line_width: int = 2,
-    mask_alpha: float = 0.3,
-) -> Image.Image:
-    """Draws boxes (absolute xyxy pixels), optional masks and labels on a copy of ``image``.
-
-    Args:
-        image: RGB image (PIL or HxWx3 uint8 array).
-        boxes: One absolute xyxy box per region.
-        labels: One label per region, drawn at the box's top-left corner. Defaults to none.
-        masks: One COCO RLE (or None) per region, blended in the region's colour.
-        line_width: Box outline width in pixels.
-        mask_alpha: Opacity of the mask overlay.
-
-    Returns:
-        A new RGB ``PIL.Image``.
-    """
-    canvas = np.array(
-        Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
-    )
-    canvas = canvas.astype(np.float32)
-    for i, rle in enumerate(masks or ()):
-        if rle is not None:
-            m = _decode_mask(rle)
-            canvas[m] = (1 - mask_alpha) * canvas[m] + mask_alpha * np.array(
-                PALETTE[i % len(PALETTE)]
-            )
-    out = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    for i, box in enumerate(boxes):
-        colour = PALETTE[i % len(PALETTE)]
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=line_width)
-        if labels is not None and labels[i]:
-            tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), labels[i], font=font)
-            top = y0 - (ty1 - ty0) - 2 if y0 >= (ty1 - ty0) + 2 else y0
-            draw.rectangle([tx0, top, tx1 + 2, top + (ty1 - ty0) + 2], fill=colour)
-            draw.text((x0 + 1, top), labels[i], fill=(255, 255, 255), font=font)
-    return out
 
 
 def draw_response(image: Image.Image | np.ndarray, response: GroundedResponse) -> Image.Image:

@@ -24,11 +24,21 @@ def spatial_shapes_list(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> lis
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
+# Single-threaded CPU runs take the queries in chunks whose output (B * M * D * chunk floats,
+# 1 MiB) stays in cache across the L * P accumulations into it: about 2x faster for 448-896 px
+# pyramids. With several threads every op is a parallel region, and when other processes compete
+# for the cores each region can wait a time slice: a thousand small regions were 4x slower than
+# one pass (benchmarks/bench_proposer.py, 2 shared cores), so those runs, and GPUs, take all
+# queries at once.
+_CPU_CHUNK_ELEMENTS = 2**18
+
+
 def multi_scale_deformable_attention(
     value: Tensor,
     spatial_shapes: Tensor | Sequence[Sequence[int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    query_chunk: int | None = None,
 ) -> Tensor:
     """Attention-weighted sum of bilinearly sampled values over levels and points.
 
@@ -39,6 +49,8 @@ def multi_scale_deformable_attention(
         sampling_locations: (B, Q, M, L, P, 2) normalised (x, y) in [0, 1] of each level;
             locations outside read zeros.
         attention_weights: (B, Q, M, L, P) weights (softmax-normalised over L * P by callers).
+        query_chunk: Queries per chunk, 0 for all at once. Defaults to None: 1 MiB of output
+            per chunk on a single-threaded CPU, all at once otherwise (see the comment above).
 
     Returns:
         (B, Q, M * D) attended values, heads concatenated.
@@ -52,30 +64,59 @@ def multi_scale_deformable_attention(
             f"spatial_shapes {shapes} describe {sum(sizes)} tokens in {len(shapes)} levels; value "
             f"has {num_tokens} tokens and sampling_locations {num_levels} levels"
         )
-    # Queries go last so that both the weighted sum below and grid_sample's reads of nearby
-    # queries' samples run along contiguous memory: (B, Q, M, L, P, 2) -> (L, B*M, P, Q, 2).
-    grids = (2.0 * sampling_locations - 1.0).permute(3, 0, 2, 4, 1, 5)  # grid_sample: [-1, 1]
+    # Queries go last so that the weighted sums below run along contiguous memory:
+    # (B, Q, M, L, P, 2) -> (L, B*M, P, Q, 2), and (B, Q, M, L, P) -> (L, P, B*M, 1, Q).
+    grids = sampling_locations.permute(3, 0, 2, 4, 1, 5).mul(2.0).sub_(1.0)  # grid_sample: [-1, 1]
     grids = grids.reshape(num_levels, batch * num_heads, num_points, num_queries, 2).to(value)
-    # (B, Q, M, L, P) -> (L, P, B*M, 1, Q)
     weights = attention_weights.permute(3, 4, 0, 2, 1)
     weights = weights.reshape(num_levels, num_points, batch * num_heads, 1, num_queries).to(value)
-    output = value.new_zeros(batch * num_heads, head_dim, num_queries)
-    for level, (level_value, (height, width)) in enumerate(
-        zip(value.split(sizes, dim=1), shapes, strict=True)
-    ):
-        # (B, H*W, M, D) -> (B*M, D, H, W)
-        level_value = level_value.permute(0, 2, 3, 1).reshape(
-            batch * num_heads, head_dim, height, width
+    # (B, H*W, M, D) -> (B*M, D, H, W) per level
+    level_values = [
+        level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
+        for level_value, (height, width) in zip(value.split(sizes, dim=1), shapes, strict=True)
+    ]
+    if query_chunk is None:
+        single_thread_cpu = value.device.type == "cpu" and torch.get_num_threads() == 1
+        query_chunk = (
+            _CPU_CHUNK_ELEMENTS // (batch * num_heads * head_dim) if single_thread_cpu else 0
         )
+    chunks = []
+    for start, end in _chunk_bounds(num_queries, query_chunk):
+        chunk = _attend_chunk(level_values, grids[..., start:end, :], weights[..., start:end])
+        # (B*M, D, Qc) -> (B, Qc, M*D), made contiguous while the chunk is still in cache
+        chunk = chunk.view(batch, num_heads * head_dim, end - start).transpose(1, 2)
+        chunks.append(chunk.contiguous())
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
+def _chunk_bounds(total: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most ``chunk`` (all of ``total`` when chunk <= 0)."""
+    step = total if chunk <= 0 else max(1, chunk)
+    return [(start, min(total, start + step)) for start in range(0, max(total, 1), step)]
+
+
+def _attend_chunk(level_values: list[Tensor], grids: Tensor, weights: Tensor) -> Tensor:
+    """Weighted samples of one chunk of Qc queries.
+
+    Args:
+        level_values: Per level (B*M, D, H_l, W_l) values.
+        grids: (L, B*M, P, Qc, 2) sampling grids in [-1, 1].
+        weights: (L, P, B*M, 1, Qc) attention weights.
+
+    Returns:
+        (B*M, D, Qc) attended values.
+    """
+    first = level_values[0]
+    output = first.new_zeros(first.shape[0], first.shape[1], grids.shape[-2])
+    for level, level_value in enumerate(level_values):
         sampled = F.grid_sample(
             level_value, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (B*M, D, P, Q)
+        )  # (B*M, D, P, Qc)
         # One fused multiply-add per point into the output: no stacked or weighted copy of the
-        # samples (the reference stacks all levels, then multiplies, then sums).
-        for point in range(num_points):
+        # samples (the transformers reference stacks all levels, multiplies, then sums).
+        for point in range(sampled.shape[2]):
             output.addcmul_(sampled[:, :, point], weights[level, point])
-    # (B*M, D, Q) -> (B, Q, M*D)
-    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+    return output
 
 
 class MSDeformAttn(nn.Module):

@@ -162,8 +162,8 @@ class PyramidEmbedding(nn.Module):
         in_channels: Channels C_l of each level this module embeds.
         embed_dim: Output width D. Defaults to 256.
         level_embed: Add a learned embedding per level to the positions. Defaults to True.
-        num_groups: GroupNorm groups (must divide ``embed_dim``). Defaults to 32 or the largest
-            divisor of ``embed_dim`` below it.
+        num_groups: GroupNorm groups (must divide ``embed_dim``). Defaults to
+            ``gcd(32, embed_dim)`` (32 for the usual widths).
     """
 
     def __init__(
@@ -202,21 +202,11 @@ class PyramidEmbedding(nn.Module):
         Returns:
             The flattened pyramid.
         """
-        tokens, pos, flat_masks, ratios = [], [], [], []
-        for level, fmap in enumerate(maps):
-            mask = None if masks is None else masks[level]
-            embedded = self._project(level, fmap, mask)
-            full = (
-                mask if mask is not None else fmap.new_zeros(fmap.shape[0], *fmap.shape[-2:]).bool()
-            )
-            level_pos = self.position(full).to(embedded.dtype)
-            tokens.append(embedded.flatten(2).transpose(1, 2))  # (B, D, H, W) -> (B, H*W, D)
-            level_pos = level_pos.flatten(2).transpose(1, 2)
-            if self.level_embed is not None:
-                level_pos = level_pos + self.level_embed[level]
-            pos.append(level_pos)
-            flat_masks.append(full.flatten(1))
-            ratios.append(_valid_ratio(full))
+        levels = [
+            self._embed_level(level, fmap, None if masks is None else masks[level])
+            for level, fmap in enumerate(maps)
+        ]
+        tokens, pos, flat_masks, ratios = zip(*levels, strict=True)
         return FlatPyramid(
             tokens=torch.cat(tokens, 1),
             pos=torch.cat(pos, 1),
@@ -225,11 +215,23 @@ class PyramidEmbedding(nn.Module):
             valid_ratios=torch.stack(ratios, 1),  # float32 also under autocast: positions
         )
 
-    def _project(self, level: int, fmap: Tensor, mask: Tensor | None) -> Tensor:
+    def _embed_level(
+        self, level: int, fmap: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Tokens (B, HW, D), positions (B, HW, D), padding mask (B, HW), valid ratio (B, 2)."""
         projected = self.proj[level](fmap)
         if mask is None:
-            return self.norm[level](projected)
-        return masked_group_norm(projected, ~mask, self.norm[level])
+            embedded = self.norm[level](projected)
+            mask = torch.zeros(
+                fmap.shape[0], *fmap.shape[-2:], dtype=torch.bool, device=fmap.device
+            )
+        else:
+            embedded = masked_group_norm(projected, ~mask, self.norm[level])
+        # (B, D, H, W) -> (B, H*W, D)
+        pos = self.position(mask).to(embedded.dtype).flatten(2).transpose(1, 2)
+        if self.level_embed is not None:
+            pos = pos + self.level_embed[level]
+        return embedded.flatten(2).transpose(1, 2), pos, mask.flatten(1), _valid_ratio(mask)
 
 
 def _valid_ratio(mask: Tensor) -> Tensor:

@@ -164,10 +164,10 @@ class TwoStageQueries(nn.Module):
         anchors, valid = self.anchors(flat, centres)
         cells = self.proj(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.objectness(cells)
-        box_logits = self.box_head(cells) + anchors
         score = self.objectness.fuse(logits).detach().masked_fill(~valid, -1.0)
         top = score.topk(self.num_queries, dim=1).indices  # (B, N)
-        box_logits = _gather(box_logits, top)
+        # Ranking needs only objectness, so boxes are regressed for the selected cells alone.
+        box_logits = self.box_head(_gather(cells, top)) + _gather(anchors, top)
         prediction = LayerPrediction(
             logits={name: _gather(value, top) for name, value in logits.items()},
             boxes_cxcywh=box_logits.sigmoid(),

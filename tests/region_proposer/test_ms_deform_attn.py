@@ -29,18 +29,22 @@ def _reference(value, shapes, loc, weights):
     return hf.MultiScaleDeformableAttention()(value, spatial, shapes, start, loc, weights, 64)
 
 
-def test_values_match_transformers_reference():
+@pytest.mark.parametrize("chunk", [None, 0, 3, 100])
+def test_values_match_transformers_reference(chunk):
     value, loc, weights = _inputs()
-    ours = multi_scale_deformable_attention(value, torch.tensor(SHAPES), loc, weights)
+    ours = multi_scale_deformable_attention(
+        value, torch.tensor(SHAPES), loc, weights, query_chunk=chunk
+    )
     ref = _reference(value, SHAPES, loc, weights)
     assert ours.shape == (2, 7, 4 * 8)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_transformers_reference():
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_gradients_match_transformers_reference(chunk):
     grads = []
     for fn in (
-        lambda v, loc, w: multi_scale_deformable_attention(v, SHAPES, loc, w),
+        lambda v, loc, w: multi_scale_deformable_attention(v, SHAPES, loc, w, query_chunk=chunk),
         lambda v, loc, w: _reference(v, SHAPES, loc, w),
     ):
         value, loc, weights = (t.clone().requires_grad_() for t in _inputs(seed=1))
@@ -116,3 +120,11 @@ def test_masked_values_do_not_contribute():
     out_a = attn(query, refs, value, [(4, 4)], key_padding_mask=pad)
     out_b = attn(query, refs, changed, [(4, 4)], key_padding_mask=pad)
     torch.testing.assert_close(out_a, out_b)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    value, loc, weights = (t.float() for t in _inputs(seed=3))
+    cpu = multi_scale_deformable_attention(value, SHAPES, loc, weights)
+    cuda = multi_scale_deformable_attention(value.cuda(), SHAPES, loc.cuda(), weights.cuda())
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=1e-5)

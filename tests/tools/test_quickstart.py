@@ -38,9 +38,12 @@ def quickstart_dir(tmp_path_factory):
         "2",
         "--num-region-tokens",
         "16",
+        "--stage1-iters",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4/4 drawing one preview per task" in proc.stdout
+    assert "4/5 drawing one preview per task" in proc.stdout
+    assert "5/5 stage 1: training the region proposer" in proc.stdout
     return work
 
 
@@ -58,6 +61,9 @@ def test_quickstart_outputs(quickstart_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(quickstart_dir / "tokenizer"))
     ids = GroundingVocab(16).token_ids(tokenizer)
     assert len(ids.regions) == 16 and len(tokenizer) == summary["tokenizer"]["size"]
+    stage1 = summary["stage1"]
+    assert 0.0 <= stage1["test"]["proposer/AR@100"] <= 1.0
+    assert len(stage1["region_sets"]) == 4 and all(Path(p).is_file() for p in stage1["region_sets"])
 
 
 def test_validate_data_cli(quickstart_dir):
