@@ -1,4 +1,5 @@
 """Stage-1 class-agnostic detection pre-training: model wrapper, box datasets, transforms."""
+
 from .data_preprocessor import ProposerDataPreprocessor
 from .datasets import CocoBoxDataset
 from .model import ProposerPretrainer

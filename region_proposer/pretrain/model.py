@@ -49,7 +49,10 @@ class ProposerPretrainer(BaseModel):
         """Fills the proposer's ``in_channels`` (one per level) from the backbone, so widths and
         level counts are derived once, from the backbone config."""
         cfg = dict(proposer)
-        proposer_cls = MODELS.get(cfg["type"]) if isinstance(cfg.get("type"), str) else cfg.get("type")
+        proposer_type = cfg.get("type")
+        proposer_cls = (
+            MODELS.get(proposer_type) if isinstance(proposer_type, str) else proposer_type
+        )
         if proposer_cls is None:
             raise KeyError(f"proposer type {cfg.get('type')!r} is not registered")
         if "in_channels" in inspect.signature(proposer_cls.__init__).parameters:

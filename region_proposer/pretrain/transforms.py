@@ -2,9 +2,9 @@
 
 Boxes are absolute xyxy (pixel edges) of the current image in ``results["gt_bboxes"]`` (M, 4)
 float32; ``results["img"]`` is an (H, W, 3) uint8 RGB array. ``affine`` = (ax, bx, ay, by)
-records the composed per-axis map from original to current pixels (``x_cur = ax * x_orig + bx``; ``ax < 0``
-after a flip), whatever the order of transforms, so predictions map back to the original image
-exactly (``to_original_boxes``).
+records the composed per-axis map from original to current pixels
+(``x_cur = ax * x_orig + bx``; ``ax < 0`` after a flip), whatever the order of transforms, so
+predictions map back to the original image exactly (``to_original_boxes``).
 """
 
 from __future__ import annotations
