@@ -5,7 +5,7 @@
 Today's pipeline (stages that exist so far): generate the synthetic grounded-scenes dataset,
 validate every record through ``GroundedConversationDataset``, train the byte-level BPE tokenizer
 with the grounding tokens, draw one preview per task, then train the stage-1 region proposer
-(``configs/proposer/ddetr_vit-tiny_3k_synthetic.py``) with an mmengine Runner, evaluate its
+(``configs/proposer/ddetr_vit-tiny_2k_synthetic.py``) with an mmengine Runner, evaluate its
 proposal recall on the test split and draw its region sets. Writes ``WORK_DIR/summary.json``.
 """
 
@@ -32,7 +32,7 @@ from region_proposer.visualization import draw_proposals
 
 SPLITS = ("train", "val", "test")
 STAGE1_CONFIG = (
-    Path(__file__).resolve().parents[1] / "configs/proposer/ddetr_vit-tiny_3k_synthetic.py"
+    Path(__file__).resolve().parents[1] / "configs/proposer/ddetr_vit-tiny_2k_synthetic.py"
 )
 
 
@@ -159,12 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     previews = _write_previews(datasets["val"], work_dir / "previews")
     timings["previews_s"] = time.perf_counter() - t
 
+    t = _step(f"5/5 stage 1: training the region proposer -> {work_dir / 'stage1'}")
+    stage1, region_sets = _train_stage1(data_root, work_dir / "stage1", args.stage1_iters)
+    timings["stage1_s"] = time.perf_counter() - t
+    for key, value in sorted(stage1.items()):
+        print(f"  {key:<34} {value:.4f}")
+    print(f"  region sets drawn: {work_dir / 'stage1' / 'region_sets'}")
+
     summary = {
         "data_root": str(data_root),
         "generation": gen,
         "records": records,
         "tokenizer": {"path": str(work_dir / "tokenizer"), "size": len(tokenizer)},
         "previews": previews,
+        "stage1": {"test": stage1, "region_sets": region_sets},
         "timings": timings,
     }
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

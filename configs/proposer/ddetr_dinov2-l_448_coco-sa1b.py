@@ -4,7 +4,7 @@
 # (model.backbone.encoder.pretrained); builds without weights (e.g. on the meta device).
 _base_ = [
     "../_base_/default_runtime.py",
-    "../_base_/schedules/iter_3k_adamw.py",
+    "../_base_/schedules/iter_2k_adamw.py",
     "../_base_/models/proposer_dinov2-l.py",
     "../_base_/proposers/ddetr.py",
 ]
@@ -25,8 +25,11 @@ train_pipeline = [
     dict(type="RandomCrop", prob=0.3, crop_ratio_range=(0.6, 1.0)),
     dict(type="PackProposerInputs"),
 ]
-test_pipeline = [dict(type="LoadImage"), dict(type="Resize", max_size=448),
-                 dict(type="PackProposerInputs")]
+test_pipeline = [
+    dict(type="LoadImage"),
+    dict(type="Resize", max_size=448),
+    dict(type="PackProposerInputs"),
+]
 _coco = dict(type="CocoBoxDataset", data_root=data_root + "coco/", source="coco")
 train_dataloader = dict(
     batch_size=8,
@@ -38,8 +41,13 @@ train_dataloader = dict(
         type="ConcatDataset",
         datasets=[
             dict(_coco, ann_file="annotations/instances_train2017.json", pipeline=train_pipeline),
-            dict(type="CocoBoxDataset", data_root=data_root + "sa1b/", source="sa1b",
-                 ann_file="annotations/sa1b_boxes.json", pipeline=train_pipeline),
+            dict(
+                type="CocoBoxDataset",
+                data_root=data_root + "sa1b/",
+                source="sa1b",
+                ann_file="annotations/sa1b_boxes.json",
+                pipeline=train_pipeline,
+            ),
         ],
     ),
 )
@@ -48,12 +56,14 @@ val_dataloader = dict(
     num_workers=8,
     sampler=dict(type="DefaultSampler", shuffle=False),
     collate_fn=dict(type="pseudo_collate"),
-    dataset=dict(_coco, ann_file="annotations/instances_val2017.json", pipeline=test_pipeline,
-                 test_mode=True),
+    dataset=dict(
+        _coco, ann_file="annotations/instances_val2017.json", pipeline=test_pipeline, test_mode=True
+    ),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="ProposalRecallMetric", score_thr=0.15, nms_thr=0.6, top_k=100,
-                     dataset_name="coco")
+val_evaluator = dict(
+    type="ProposalRecallMetric", score_thr=0.15, nms_thr=0.6, top_k=100, dataset_name="coco"
+)
 test_evaluator = val_evaluator
 train_cfg = dict(max_iters=60000, val_interval=5000)
 param_scheduler = [

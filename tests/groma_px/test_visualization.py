@@ -5,7 +5,8 @@ from pycocotools import mask as mask_utils
 
 from groma_px.structures import GroundedRegion, GroundedResponse, GroundedSpan
 from groma_px.visualization import add_caption, draw_regions, draw_response
-from groma_px.visualization.draw import PALETTE, _record_labels
+from groma_px.visualization.draw import _record_labels
+from region_proposer.visualization import PALETTE
 
 
 def _rle(mask):

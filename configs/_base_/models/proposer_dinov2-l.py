@@ -11,10 +11,12 @@ backbone = dict(
         pretrained=None,
     ),
     outputs=dict(
-        proposer=dict(blocks=(-4, -3, -2, -1), fuse="mean", scales=(4.0, 2.0, 1.0, 0.5),
-                      out_channels=256),
-        region_encoder=dict(blocks=(-3, -2, -1), fuse="levels", scales=(4.0, 2.0, 1.0),
-                            out_channels=1024),
+        proposer=dict(
+            blocks=(-4, -3, -2, -1), fuse="mean", scales=(4.0, 2.0, 1.0, 0.5), out_channels=256
+        ),
+        region_encoder=dict(
+            blocks=(-3, -2, -1), fuse="levels", scales=(4.0, 2.0, 1.0), out_channels=1024
+        ),
     ),
 )
 data_preprocessor = dict(type="ProposerDataPreprocessor", pad_size_divisor=14)

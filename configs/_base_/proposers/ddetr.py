@@ -11,5 +11,7 @@ proposer = dict(
     num_queries=300,
     two_stage=True,
     with_box_refine=True,
-    objectness=dict(sources=("coco", "sa1b"), fusion=dict(rule="geometric", weights=dict(coco=0.4, sa1b=0.6))),
+    objectness=dict(
+        sources=("coco", "sa1b"), fusion=dict(rule="geometric", weights=dict(coco=0.4, sa1b=0.6))
+    ),
 )

@@ -4,7 +4,7 @@
 _base_ = [
     "../_base_/default_runtime.py",
     "../_base_/datasets/synthetic_boxes.py",
-    "../_base_/schedules/iter_3k_adamw.py",
+    "../_base_/schedules/iter_2k_adamw.py",
     "../_base_/models/proposer_vit-tiny.py",
     "../tiny/proposers/ddetr.py",
 ]
@@ -16,5 +16,6 @@ model = dict(
     proposer={{_base_.proposer}},
     data_preprocessor={{_base_.data_preprocessor}},
 )
-default_hooks = dict(checkpoint=dict(interval=1000, max_keep_ckpts=1, save_best="proposer/AR@100",
-                                     rule="greater"))
+default_hooks = dict(
+    checkpoint=dict(interval=500, max_keep_ckpts=1, save_best="proposer/AR@100", rule="greater")
+)
