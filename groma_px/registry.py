@@ -16,7 +16,7 @@ MODELS = Registry(
     "model",
     parent=_rp.MODELS,
     scope=SCOPE,
-    locations=["groma_px.models", *_rp._PROPOSER_MODULES],
+    locations=["groma_px.models", *_rp.PROPOSER_MODULES],
 )
 DATASETS = Registry(
     "dataset",

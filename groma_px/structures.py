@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from region_proposer._checks import check_leading_dims, check_tensor
+from region_proposer.checks import check_leading_dims, check_tensor
 
 
 class RegionSource(enum.IntEnum):

@@ -10,7 +10,7 @@ from mmengine import registry as _mm
 from mmengine.registry import Registry
 
 SCOPE = "region_proposer"
-_PROPOSER_MODULES = [
+PROPOSER_MODULES = [
     "region_proposer.proposers",
     "region_proposer.backbones",
     "region_proposer.pretrain",
@@ -19,7 +19,7 @@ _PROPOSER_MODULES = [
     "region_proposer.losses",
 ]
 
-MODELS = Registry("model", parent=_mm.MODELS, scope=SCOPE, locations=_PROPOSER_MODULES)
+MODELS = Registry("model", parent=_mm.MODELS, scope=SCOPE, locations=PROPOSER_MODULES)
 DATASETS = Registry(
     "dataset", parent=_mm.DATASETS, scope=SCOPE, locations=["region_proposer.pretrain"]
 )

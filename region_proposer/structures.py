@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_leading_dims, check_tensor
+from .checks import check_leading_dims, check_tensor
 
 _BOOL = (torch.bool,)
 _INT = (torch.int32, torch.int64)
