@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "wandb==0.31.0",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+    "pycocoevalcap==1.2",  # only its Bleu and Cider scorers (no Java tokenizer)
     "pyyaml",
     "tqdm",
 ]

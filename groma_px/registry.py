@@ -16,7 +16,13 @@ MODELS = Registry(
     "model",
     parent=_rp.MODELS,
     scope=SCOPE,
-    locations=["groma_px.models", *_rp.PROPOSER_MODULES],
+    locations=[
+        "groma_px.models",
+        "groma_px.region_encoder",
+        "groma_px.vision",
+        "groma_px.llm.adapter",
+        *_rp.PROPOSER_MODULES,
+    ],
 )
 DATASETS = Registry(
     "dataset",
@@ -28,7 +34,7 @@ TRANSFORMS = Registry(
     "transform",
     parent=_rp.TRANSFORMS,
     scope=SCOPE,
-    locations=["groma_px.data", "region_proposer.pretrain"],
+    locations=["groma_px.data", "groma_px.data.chat_transforms", "region_proposer.pretrain"],
 )
 METRICS = Registry(
     "metric",

@@ -2,11 +2,13 @@
 
     python tools/quickstart.py --work-dir work_dirs/quickstart
 
-Today's pipeline (stages that exist so far): generate the synthetic grounded-scenes dataset,
-validate every record through ``GroundedConversationDataset``, train the byte-level BPE tokenizer
-with the grounding tokens, draw one preview per task, then train the stage-1 region proposer
-(``configs/proposer/ddetr_vit-tiny_2k_synthetic.py``) with an mmengine Runner, evaluate its
-proposal recall on the test split and draw its region sets. Writes ``WORK_DIR/summary.json``.
+Generates the synthetic grounded-scenes dataset (unless WORK_DIR/data already holds the same
+one), validates every record, trains the byte-level BPE tokenizer with the grounding tokens, draws
+one preview per task, then trains the tiny pipeline with mmengine Runners: stage 1 (region
+proposer, ``configs/proposer/ddetr_vit-tiny_2k_synthetic.py``), stage 2 (alignment) and stage 3
+(fine-tuning) (``configs/groma_px/*stage{2,3}*``); evaluates grounded chat on the test split,
+exports the model to WORK_DIR/model (``GroundedChat.from_pretrained``), draws example answers and
+writes ``WORK_DIR/metrics.json`` (flat keys such as ``rec/acc@0.5``) and ``WORK_DIR/summary.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from mmengine.runner import Runner
 
 from groma_px.data import GroundedConversationDataset
 from groma_px.data.synthetic import generate_dataset
+from groma_px.engine.stages import (
+    chat_config,
+    draw_predictions,
+    export_runner_model,
+    print_table,
+    train_stage,
+)
 from groma_px.llm.tokenizer import build_tokenizer_from_jsonl
 from groma_px.llm.vocab import GroundingVocab
 from groma_px.visualization import draw_record
@@ -31,9 +40,11 @@ from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
 from region_proposer.visualization import draw_proposals
 
 SPLITS = ("train", "val", "test")
-STAGE1_CONFIG = (
-    Path(__file__).resolve().parents[1] / "configs/proposer/ddetr_vit-tiny_2k_synthetic.py"
-)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGE1_CONFIG = CONFIGS / "proposer/ddetr_vit-tiny_2k_synthetic.py"
+STAGE2_CONFIG = CONFIGS / "groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage2_synthetic.py"
+STAGE3_CONFIG = CONFIGS / "groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage3_synthetic.py"
+STEPS = 8
 
 
 def _step(title: str) -> float:
@@ -76,6 +87,20 @@ def _write_previews(ds: GroundedConversationDataset, out_dir: Path) -> list[str]
     return written
 
 
+def _existing_data(data_root: Path, args: argparse.Namespace) -> dict | None:
+    """The generation summary of ``data_root`` if it already holds this exact dataset."""
+    meta_file = data_root / "meta.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    wanted = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    splits = meta.get("splits", {})
+    same = meta.get("seed") == args.seed and all(
+        splits.get(k, {}).get("images") == n for k, n in wanted.items()
+    )
+    return meta if same and all((data_root / f"{k}.jsonl").is_file() for k in wanted) else None
+
+
 def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[dict, list[str]]:
     """Trains and tests the stage-1 proposer; returns test metrics and region-set pictures."""
     patch_checkpoint_loader()
@@ -101,6 +126,44 @@ def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[d
     return {k: float(v) for k, v in metrics.items()}, [str(p) for p in pictures]
 
 
+def _train_chat(
+    args: argparse.Namespace, data_root: Path, work_dir: Path, timings: dict[str, float]
+) -> dict:
+    """Stages 2 and 3, the test-split evaluation, the export and the example pictures."""
+    paths = dict(data_root=data_root, tokenizer_dir=work_dir / "tokenizer")
+    t = _step(f"6/{STEPS} stage 2: alignment (perception and LLM frozen) -> {work_dir / 'stage2'}")
+    cfg2 = chat_config(
+        STAGE2_CONFIG,
+        **paths,
+        work_dir=work_dir / "stage2",
+        load_from=work_dir / "stage1" / f"iter_{args.stage1_iters}.pth",
+        iters=args.stage2_iters,
+        validate=False,
+    )
+    _, _, ckpt2 = train_stage(cfg2)
+    timings["stage2_s"] = time.perf_counter() - t
+
+    t = _step(f"7/{STEPS} stage 3: fine-tuning (LLM trains) -> {work_dir / 'stage3'}")
+    cfg3 = chat_config(
+        STAGE3_CONFIG,
+        **paths,
+        work_dir=work_dir / "stage3",
+        load_from=ckpt2,
+        iters=args.stage3_iters,
+        validate=False,
+    )
+    runner, _, ckpt3 = train_stage(cfg3)
+    timings["stage3_s"] = time.perf_counter() - t
+
+    t = _step(f"8/{STEPS} evaluating grounded chat on the test split, exporting, drawing")
+    test = {k: float(v) for k, v in runner.test().items()}
+    model_dir = export_runner_model(runner, cfg3, work_dir / "model")
+    examples = draw_predictions(runner, work_dir / "examples")
+    timings["evaluate_s"] = time.perf_counter() - t
+    print(f"  model -> {model_dir}; {len(examples)} example answers -> {work_dir / 'examples'}")
+    return {"test": test, "checkpoints": [ckpt2, ckpt3], "examples": examples}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -112,32 +175,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--num-region-tokens", type=int, default=100)
-    parser.add_argument(
-        "--stage1-iters",
-        type=int,
-        default=None,
-        help="stage-1 training iterations (default: the config's)",
-    )
+    parser.add_argument("--stage1-iters", type=int, default=800, help="stage-1 iterations")
+    parser.add_argument("--stage2-iters", type=int, default=100, help="stage-2 iterations")
+    parser.add_argument("--stage3-iters", type=int, default=900, help="stage-3 iterations")
     args = parser.parse_args(argv)
     work_dir, timings = Path(args.work_dir), {}
     data_root = work_dir / "data"
 
-    t = _step(f"1/5 generating synthetic grounded scenes -> {data_root}")
-    gen = generate_dataset(
-        data_root, args.num_train, args.num_val, args.num_test, args.seed, workers=args.workers
-    )
+    t = _step(f"1/{STEPS} synthetic grounded scenes -> {data_root}")
+    gen = _existing_data(data_root, args)
+    if gen is not None:
+        print("  already there (same seed and sizes): not regenerated")
+    else:
+        gen = generate_dataset(
+            data_root, args.num_train, args.num_val, args.num_test, args.seed, workers=args.workers
+        )
+        print(
+            f"  {sum(s['images'] for s in gen['splits'].values())} images in "
+            f"{gen['seconds']:.1f} s ({gen['images_per_second']:.0f} images/s, "
+            f"{args.workers} workers)"
+        )
     timings["generate_s"] = time.perf_counter() - t
-    print(
-        f"  {sum(s['images'] for s in gen['splits'].values())} images in "
-        f"{gen['seconds']:.1f} s ({gen['images_per_second']:.0f} images/s, {args.workers} workers)"
-    )
 
-    t = _step("2/5 validating every record (GroundedConversationDataset)")
+    t = _step(f"2/{STEPS} validating every record (GroundedConversationDataset)")
     datasets = _load_splits(data_root)
     records = _print_table(datasets)
     timings["validate_s"] = time.perf_counter() - t
 
-    t = _step(f"3/5 training the tokenizer -> {work_dir / 'tokenizer'}")
+    t = _step(f"3/{STEPS} training the tokenizer -> {work_dir / 'tokenizer'}")
     tokenizer = build_tokenizer_from_jsonl(
         [data_root / "train.jsonl"],
         work_dir / "tokenizer",
@@ -155,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
         f"max {max(lengths, default=0)} tokens"
     )
 
-    t = _step(f"4/5 drawing one preview per task -> {work_dir / 'previews'}")
+    t = _step(f"4/{STEPS} drawing one preview per task -> {work_dir / 'previews'}")
     previews = _write_previews(datasets["val"], work_dir / "previews")
     timings["previews_s"] = time.perf_counter() - t
 
-    t = _step(f"5/5 stage 1: training the region proposer -> {work_dir / 'stage1'}")
+    t = _step(f"5/{STEPS} stage 1: training the region proposer -> {work_dir / 'stage1'}")
     stage1, region_sets = _train_stage1(data_root, work_dir / "stage1", args.stage1_iters)
     timings["stage1_s"] = time.perf_counter() - t
     for key, value in sorted(stage1.items()):
         print(f"  {key:<34} {value:.4f}")
     print(f"  region sets drawn: {work_dir / 'stage1' / 'region_sets'}")
+
+    chat = _train_chat(args, data_root, work_dir, timings)
+    metrics = {**{k: v for k, v in stage1.items() if k.startswith("proposer/")}, **chat["test"]}
+    (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print_table(metrics, f"test split metrics -> {work_dir / 'metrics.json'}")
 
     summary = {
         "data_root": str(data_root),
@@ -173,10 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": {"path": str(work_dir / "tokenizer"), "size": len(tokenizer)},
         "previews": previews,
         "stage1": {"test": stage1, "region_sets": region_sets},
+        "chat": chat,
+        "metrics": metrics,
         "timings": timings,
     }
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print(f"\nsummary -> {work_dir / 'summary.json'}")
+    print(f"\nsummary -> {work_dir / 'summary.json'}; model -> {work_dir / 'model'}")
+    print(f"total {sum(timings.values()) / 60:.1f} min")
     return 0
 
 

@@ -1,1 +1,20 @@
 """``BaseMetric`` subclasses: REC accuracy, grounded chat, counting, mask IoU."""
+
+from .caption import GroundedCaptionMetric, RegionCaptionMetric, greedy_matches
+from .counting import CountingMetric
+from .rec import RECMetric
+from .task_metric import TaskMetric, cited_boxes
+from .text import caption_tokens, parse_count, strip_markup
+
+__all__ = [
+    "CountingMetric",
+    "GroundedCaptionMetric",
+    "RECMetric",
+    "RegionCaptionMetric",
+    "TaskMetric",
+    "caption_tokens",
+    "cited_boxes",
+    "greedy_matches",
+    "parse_count",
+    "strip_markup",
+]

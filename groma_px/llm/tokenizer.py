@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from groma_px.llm.vocab import GroundingVocab
 
@@ -197,3 +197,17 @@ def build_tokenizer_from_jsonl(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Loads a tokenizer from a local directory (never the hub); the error names the path.
+
+    Any Hugging Face tokenizer directory works (ours, or a real LLM's after
+    ``GroundingVocab.add_to_tokenizer`` and ``save_pretrained``).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory not found: {directory} (build one with tools/build_tokenizer.py)"
+        )
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

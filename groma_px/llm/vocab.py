@@ -135,6 +135,29 @@ class GroundingVocab:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"num_region_tokens must be an int >= 1, got {k!r}")
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> GroundingVocab:
+        """The vocabulary a tokenizer was built with: K = the number of ``<ri>`` added tokens.
+
+        Raises:
+            KeyError: If the tokenizer has no ``<r0>`` or the region tokens are not ``<r0>`` ...
+                ``<r{K-1}>`` without gaps.
+        """
+        added = tokenizer.get_added_vocab()
+        indices = sorted(
+            int(m.group(1)) for t in added if (m := _REGION_TOKEN_PATTERN.fullmatch(t))
+        )
+        if not indices:
+            raise KeyError(
+                "the tokenizer has no region tokens <r0>...; build it with GroundingVocab"
+            )
+        if indices != list(range(len(indices))):
+            raise KeyError(
+                f"the tokenizer's region tokens have gaps: <r{indices[-1]}> is the last "
+                f"of {len(indices)}"
+            )
+        return cls(len(indices))
+
     def region_token(self, index: int) -> str:
         """The token ``<r{index}>`` that cites row ``index`` of the region tokens.
 

@@ -2,7 +2,7 @@
 
 from .data_preprocessor import ProposerDataPreprocessor
 from .datasets import CocoBoxDataset
-from .model import ProposerPretrainer
+from .model import ProposerPretrainer, with_in_channels
 from .transforms import LoadImage, PackProposerInputs, RandomCrop, RandomFlip, Resize
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "RandomCrop",
     "RandomFlip",
     "Resize",
+    "with_in_channels",
 ]

@@ -33,6 +33,10 @@ class ProposerDataPreprocessor(BaseDataPreprocessor):
         bgr_to_rgb: Flip the channel order of 3-channel inputs (for BGR loaders such as
             OpenCV/mmcv). Defaults to False (inputs are RGB).
         non_blocking: Non-blocking host-to-device copies. Defaults to False.
+        pad_to_size: (H, W) the padded batch is at least as large as; a fixed size makes every
+            image's features independent of its batch-mates (ViT attention sees the padding),
+            which caching frozen features needs. Multiples of ``pad_size_divisor``. Defaults to
+            None (pad to the batch maximum).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class ProposerDataPreprocessor(BaseDataPreprocessor):
         pad_value: float = 0.0,
         bgr_to_rgb: bool = False,
         non_blocking: bool = False,
+        pad_to_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
         if len(mean) != 3 or len(std) != 3:
@@ -53,6 +58,16 @@ class ProposerDataPreprocessor(BaseDataPreprocessor):
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
         self.pad_size_divisor = pad_size_divisor
+        if pad_to_size is not None and (
+            len(pad_to_size) != 2 or any(int(v) % pad_size_divisor for v in pad_to_size)
+        ):
+            raise ValueError(
+                f"pad_to_size must be (H, W), multiples of pad_size_divisor={pad_size_divisor}, "
+                f"got {pad_to_size}"
+            )
+        self.pad_to_size = (
+            None if pad_to_size is None else (int(pad_to_size[0]), int(pad_to_size[1]))
+        )
         self.pad_value = pad_value
         self.bgr_to_rgb = bgr_to_rgb
 
@@ -104,6 +119,8 @@ class ProposerDataPreprocessor(BaseDataPreprocessor):
         # Round up, and keep at least one divisor so that images smaller than a patch still
         # give a one-patch grid (the ViT cannot embed a 0-sized grid).
         height, width = (max(-(-int(s) // divisor), 1) * divisor for s in sizes.amax(dim=0))
+        if self.pad_to_size is not None:
+            height, width = max(height, self.pad_to_size[0]), max(width, self.pad_to_size[1])
         batch = images[0].new_full((len(images), 3, height, width), float(self.pad_value))
         for i, image in enumerate(images):
             batch[i, :, : image.shape[-2], : image.shape[-1]] = image

@@ -16,6 +16,21 @@ from ..structures import FeaturePyramid, Proposals
 from .transforms import to_original_boxes
 
 
+def with_in_channels(proposer: dict, backbone: Any, consumer: str) -> dict:
+    """``proposer`` config with ``in_channels`` (one per level) filled from ``backbone``'s
+    ``consumer`` pyramid when the proposer takes it, so widths and level counts are derived once,
+    from the backbone config. Shared by every model that composes a backbone and a proposer."""
+    cfg = dict(proposer)
+    proposer_type = cfg.get("type")
+    proposer_cls = MODELS.get(proposer_type) if isinstance(proposer_type, str) else proposer_type
+    if proposer_cls is None:
+        raise KeyError(f"proposer type {cfg.get('type')!r} is not registered")
+    if "in_channels" in inspect.signature(proposer_cls.__init__).parameters:
+        channels = backbone.out_channels(consumer)
+        cfg.setdefault("in_channels", [channels] * backbone.num_levels(consumer))
+    return cfg
+
+
 @MODELS.register_module()
 class ProposerPretrainer(BaseModel):
     """Backbone + proposer, trained on class-agnostic boxes (Groma stage 1).
@@ -42,23 +57,8 @@ class ProposerPretrainer(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         self.backbone = MODELS.build(backbone)
         self.consumer = consumer
-        self.proposer = MODELS.build(self._derive_in_channels(proposer))
+        self.proposer = MODELS.build(with_in_channels(proposer, self.backbone, consumer))
         self._check_padding()
-
-    def _derive_in_channels(self, proposer: dict) -> dict:
-        """Fills the proposer's ``in_channels`` (one per level) from the backbone, so widths and
-        level counts are derived once, from the backbone config."""
-        cfg = dict(proposer)
-        proposer_type = cfg.get("type")
-        proposer_cls = (
-            MODELS.get(proposer_type) if isinstance(proposer_type, str) else proposer_type
-        )
-        if proposer_cls is None:
-            raise KeyError(f"proposer type {cfg.get('type')!r} is not registered")
-        if "in_channels" in inspect.signature(proposer_cls.__init__).parameters:
-            channels = self.backbone.out_channels(self.consumer)
-            cfg.setdefault("in_channels", [channels] * self.backbone.num_levels(self.consumer))
-        return cfg
 
     def _check_padding(self) -> None:
         divisor = getattr(self.data_preprocessor, "pad_size_divisor", None)

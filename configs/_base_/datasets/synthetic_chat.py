@@ -1,0 +1,58 @@
+# Grounded conversations of the synthetic scenes (stages 2 and 3): every task of train.jsonl,
+# evaluated by generation on the test split.
+data_root = "work_dirs/quickstart/data"
+tokenizer_dir = "work_dirs/quickstart/tokenizer"
+template = "plain"
+image_size = 224  # longer side after resizing; must match stage 1
+
+train_pipeline = [
+    dict(type="LoadGroundedRecord"),
+    dict(type="LoadImage"),
+    dict(type="Resize", max_size=image_size),
+    dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="train"),
+]
+test_pipeline = [
+    dict(type="LoadGroundedRecord"),
+    dict(type="LoadImage"),
+    dict(type="Resize", max_size=image_size),
+    dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="predict"),
+]
+train_dataloader = dict(
+    batch_size=16,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type="InfiniteSampler", shuffle=True),
+    collate_fn=dict(type="pseudo_collate"),
+    dataset=dict(
+        type="GroundedConversationDataset",
+        data_root=data_root,
+        ann_file="train.jsonl",
+        check_images="exists",
+        pipeline=train_pipeline,
+    ),
+)
+val_dataloader = dict(
+    batch_size=32,
+    num_workers=2,
+    persistent_workers=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    collate_fn=dict(type="pseudo_collate"),
+    dataset=dict(
+        type="GroundedConversationDataset",
+        data_root=data_root,
+        ann_file="val.jsonl",
+        check_images="exists",
+        pipeline=test_pipeline,
+        test_mode=True,
+    ),
+)
+test_dataloader = dict(
+    val_dataloader, dataset=dict(val_dataloader["dataset"], ann_file="test.jsonl")
+)
+val_evaluator = [
+    dict(type="RECMetric"),
+    dict(type="RegionCaptionMetric"),
+    dict(type="GroundedCaptionMetric"),
+    dict(type="CountingMetric"),
+]
+test_evaluator = val_evaluator

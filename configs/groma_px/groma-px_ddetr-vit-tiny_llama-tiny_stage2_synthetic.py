@@ -1,0 +1,46 @@
+# Stage 2 (alignment) of the tiny CPU pipeline: perception and the LLM frozen; the image tokens,
+# the region encoder and the grounding-token rows train. Starts from the stage-1 checkpoint
+# (load_from; its backbone.* and proposer.* keys match GromaPX's).
+_base_ = [
+    "../_base_/default_runtime.py",
+    "../_base_/datasets/synthetic_chat.py",
+    "../_base_/models/proposer_vit-tiny.py",
+    "../tiny/proposers/ddetr.py",
+    "../_base_/models/groma-px_parts.py",
+    "../_base_/models/llm_llama-tiny.py",
+]
+model = dict(
+    type="GromaPX",
+    backbone={{_base_.backbone}},
+    proposer={{_base_.proposer}},
+    region_encoder={{_base_.region_encoder}},
+    image_tokenizer={{_base_.image_tokenizer}},
+    selector={{_base_.selector}},
+    llm={{_base_.llm}},
+    tokenizer={{_base_.tokenizer_dir}},
+    layout="pair",
+    frozen=("backbone", "proposer", "llm.model"),  # llm.model: the base LLM, not new rows
+    max_new_tokens=48,
+    # Perception is frozen in stages 2 and 3: keep each image's pyramid and proposals after the
+    # first epoch. A fixed padded size makes features independent of batch-mates.
+    cache_perception=True,
+    data_preprocessor=dict(
+        type="ProposerDataPreprocessor", pad_size_divisor=16, pad_to_size=(224, 224)
+    ),
+)
+load_from = "work_dirs/quickstart/stage1/iter_2000.pth"
+
+max_iters = 200
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+optim_wrapper = dict(
+    type="OptimWrapper",
+    optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.0),
+    clip_grad=dict(max_norm=1.0),
+)
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.05, by_epoch=False, begin=0, end=20),
+    dict(type="CosineAnnealingLR", by_epoch=False, begin=20, end=max_iters, eta_min=1e-5),
+]
+default_hooks = dict(checkpoint=dict(interval=max_iters, max_keep_ckpts=1))

@@ -1,0 +1,244 @@
+"""Transforms that turn a grounded-conversation record into image, token ids and cited boxes."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.structures import BaseDataElement
+from transformers import PreTrainedTokenizerBase
+
+from ..llm.tokenizer import load_tokenizer
+from ..llm.vocab import GroundingVocab
+from ..registry import TRANSFORMS
+from .schema import ASSISTANT, HUMAN
+from .templates import ConversationError, ConversationTemplate, EncodedConversation
+
+Results = dict[str, Any]
+MODES = ("train", "predict", "auto")
+
+
+@TRANSFORMS.register_module()
+class LoadGroundedRecord:
+    """Sets ``gt_bboxes`` and ``sample_id`` from a record of ``GroundedConversationDataset``.
+
+    ``gt_bboxes`` is (M, 4) float32 absolute xyxy of the original image, row ``i`` =
+    ``regions[i]``, so the geometric transforms of ``region_proposer.pretrain.transforms`` move the
+    boxes with the pixels. ``task``, ``source``, ``conversations`` and ``meta`` (``{}`` when absent)
+    are kept for ``PackGroundedChatInputs``.
+    """
+
+    def __call__(self, results: Results) -> Results:
+        boxes = [region["box"] for region in results["regions"]]
+        results["gt_bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        results["sample_id"] = results["id"]
+        results.setdefault("meta", {})
+        return results
+
+
+@functools.cache
+def cached_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """``load_tokenizer(path)``, once per process: every later call returns the same object.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a directory.
+    """
+    return load_tokenizer(path)
+
+
+@TRANSFORMS.register_module()
+class PackGroundedChatInputs:
+    """Encodes the conversation and packs image, ids and boxes into ``inputs``/``data_samples``.
+
+    The data sample (a ``BaseDataElement``) holds:
+
+    - ``gt_boxes`` (M, 4) float absolute xyxy of the transformed image, one row per record region.
+    - ``input_ids`` (L0,) long conversation ids (``ConversationTemplate``); ``<image>`` and the
+      region placeholders are single ids.
+    - ``label_mask`` (L0,) bool, True on supervised (assistant) positions.
+    - ``ref_regions`` (P,) long record-region index cited by each placeholder of ``input_ids``, in
+      order of appearance (from each turn's ``regions``).
+    - ``ref_is_user`` (P,) bool, True for a placeholder of a human turn (a user/visual prompt).
+
+    Metainfo: ``sample_id``, ``task``, ``source``, ``img_path``, ``ori_shape``, ``img_shape``,
+    ``affine``, ``flip``, ``meta``, ``answer`` (raw text of the last assistant turn, None if the
+    conversation ends with a human turn) and ``answer_regions`` (its ``regions``).
+
+    In predict mode ``input_ids`` stop after the last assistant prefix: the last answer and its
+    placeholders are left out of ``input_ids`` and ``ref_regions`` and kept only as metainfo.
+
+    Args:
+        tokenizer: Local tokenizer directory, loaded lazily once per process.
+        template: Conversation template name (``TEMPLATE_NAMES``). Defaults to ``"groma"``.
+        system: System prompt replacing the template's default. Defaults to None.
+        mode: ``"train"``, ``"predict"`` or ``"auto"`` (predict when ``results["test_mode"]``
+            is True; the dataset must set that key). Defaults to ``"train"``.
+        max_length: Most ids of ``input_ids`` (before ``<image>`` is expanded); a longer sample
+            raises instead of being truncated, which could cut a citation. Defaults to None (no
+            limit).
+        num_region_tokens: K of the model's ``GroundingVocab``; when given, the tokenizer must hold
+            ``<r0>`` ... ``<r{K-1}>`` and a sample may cite at most K distinct regions. Defaults
+            to None (no check).
+    """
+
+    META_KEYS = (
+        "sample_id",
+        "task",
+        "source",
+        "img_path",
+        "ori_shape",
+        "img_shape",
+        "affine",
+        "flip",
+        "meta",
+    )
+
+    def __init__(
+        self,
+        *,
+        tokenizer: str,
+        template: str = "groma",
+        system: str | None = None,
+        mode: str = "train",
+        max_length: int | None = None,
+        num_region_tokens: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"PackGroundedChatInputs.mode must be one of {MODES}, got {mode!r}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"PackGroundedChatInputs.max_length must be >= 1, got {max_length}")
+        self.tokenizer_dir = str(tokenizer)
+        self.template = ConversationTemplate(template, system=system)
+        self.mode = mode
+        self.max_length = max_length
+        self.vocab = GroundingVocab(num_region_tokens) if num_region_tokens is not None else None
+        self._vocab_checked = False
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (and checked against ``num_region_tokens``)."""
+        tokenizer = cached_tokenizer(self.tokenizer_dir)
+        if self.vocab is not None and not self._vocab_checked:
+            self.vocab.token_ids(tokenizer)  # raises KeyError naming a missing token
+            self._vocab_checked = True
+        return tokenizer
+
+    def __call__(self, results: Results) -> dict[str, Any]:
+        sample_id = results.get("sample_id", results.get("id"))
+        turns = results["conversations"]
+        predict = self._is_predict(results)
+        try:
+            encoded = self.template.encode(turns, self.tokenizer, for_generation=predict)
+        except ConversationError as exc:
+            raise ValueError(f"sample {sample_id!r}: {exc}") from exc
+        self._check_length(encoded, sample_id)
+        last = turns[-1] if turns[-1].get("from") == ASSISTANT else None
+        # In predict mode the last answer is not encoded, so its citations are not either.
+        encoded_turns = turns[:-1] if predict and last is not None else turns
+        ref_regions, ref_is_user = _citations(
+            encoded_turns, encoded, num_regions=len(results["regions"]), sample_id=sample_id
+        )
+        if self.vocab is not None:
+            _check_num_cited(ref_regions, self.vocab.num_region_tokens, sample_id)
+        metainfo = {k: results[k] for k in self.META_KEYS if k in results}
+        metainfo.update(
+            answer=last["value"] if last is not None else None,
+            answer_regions=list(last.get("regions", [])) if last is not None else [],
+        )
+        sample = BaseDataElement(
+            metainfo=metainfo,
+            gt_boxes=_gt_boxes(results, sample_id),
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            label_mask=torch.tensor(encoded.label_mask, dtype=torch.bool),
+            ref_regions=torch.tensor(ref_regions, dtype=torch.long),
+            ref_is_user=torch.tensor(ref_is_user, dtype=torch.bool),
+        )
+        img = torch.from_numpy(np.ascontiguousarray(results["img"].transpose(2, 0, 1)))
+        return {"inputs": img, "data_samples": sample}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tokenizer={self.tokenizer_dir!r}, template={self.template!r}, "
+            f"mode={self.mode!r}, max_length={self.max_length})"
+        )
+
+    def _is_predict(self, results: Results) -> bool:
+        if self.mode != "auto":
+            return self.mode == "predict"
+        if "test_mode" not in results:
+            raise KeyError(
+                "PackGroundedChatInputs(mode='auto') reads results['test_mode'], which the "
+                "dataset did not set; use mode='train' or mode='predict' in this pipeline"
+            )
+        return bool(results["test_mode"])
+
+    def _check_length(self, encoded: EncodedConversation, sample_id: Any) -> None:
+        if self.max_length is not None and len(encoded.input_ids) > self.max_length:
+            raise ValueError(
+                f"sample {sample_id!r}: {len(encoded.input_ids)} tokens exceed "
+                f"max_length={self.max_length}; samples are never truncated (that could cut a "
+                "citation): drop or shorten the record, or raise max_length"
+            )
+
+
+def _citations(
+    turns: list[dict[str, Any]], encoded: EncodedConversation, *, num_regions: int, sample_id: Any
+) -> tuple[list[int], list[bool]]:
+    """The record region and the human-or-not of each placeholder of ``encoded``, in order.
+
+    Args:
+        turns: The turns that ``encoded`` holds, in order.
+        encoded: Their encoding.
+        num_regions: M, the number of record regions.
+        sample_id: Named in errors.
+
+    Returns:
+        ``(ref_regions, ref_is_user)``, one entry per placeholder.
+
+    Raises:
+        ValueError: If a turn's ``regions`` does not have one valid index per placeholder.
+    """
+    ref_regions: list[int] = []
+    ref_is_user: list[bool] = []
+    for index, turn in enumerate(turns):
+        cited = list(turn.get("regions", []))
+        num_placeholders = encoded.placeholder_turns.count(index)
+        if len(cited) != num_placeholders:
+            raise ValueError(
+                f"sample {sample_id!r}: conversations[{index}] has {num_placeholders} region "
+                f"placeholders but cites {len(cited)} regions ({cited})"
+            )
+        bad = [r for r in cited if not 0 <= r < num_regions]
+        if bad:
+            raise ValueError(
+                f"sample {sample_id!r}: conversations[{index}] cites regions {bad}, but the "
+                f"record has {num_regions}"
+            )
+        ref_regions.extend(cited)
+        ref_is_user.extend([turn["from"] == HUMAN] * len(cited))
+    return ref_regions, ref_is_user
+
+
+def _check_num_cited(ref_regions: list[int], num_region_tokens: int, sample_id: Any) -> None:
+    """Each distinct cited region needs its own ``<ri>``, so at most K may be cited."""
+    num_cited = len(set(ref_regions))
+    if num_cited > num_region_tokens:
+        raise ValueError(
+            f"sample {sample_id!r} cites {num_cited} distinct regions but the vocabulary has "
+            f"num_region_tokens={num_region_tokens}"
+        )
+
+
+def _gt_boxes(results: Results, sample_id: Any) -> torch.Tensor:
+    """(M, 4) float boxes of the transformed image; row ``i`` must still be ``regions[i]``."""
+    boxes = torch.as_tensor(results["gt_bboxes"], dtype=torch.float32).reshape(-1, 4)
+    # ref_regions index rows by record-region index: a transform that drops boxes (RandomCrop)
+    # would silently re-point every later citation.
+    if boxes.shape[0] != len(results["regions"]):
+        raise ValueError(
+            f"sample {sample_id!r}: {boxes.shape[0]} boxes after the transforms but the record has "
+            f"{len(results['regions'])} regions; do not use box-dropping transforms here"
+        )
+    return boxes

@@ -1,0 +1,125 @@
+"""Running the tiny pipeline's stages with mmengine Runners (used by ``tools/quickstart.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+from PIL import Image
+
+from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
+
+from ..inference.export import export_pretrained
+from ..visualization import add_caption, draw_response
+
+SPLITS = ("train", "val", "test")
+
+
+def chat_config(
+    config: str | Path,
+    *,
+    data_root: str | Path,
+    tokenizer_dir: str | Path,
+    work_dir: str | Path,
+    load_from: str | Path | None,
+    iters: int | None = None,
+    validate: bool = True,
+) -> Config:
+    """A stage-2/3 config pointed at one data root and tokenizer, with an optional iteration
+    budget (the schedule is rescaled: warm-up 10 %, cosine to the end); ``validate=False``
+    drops the validation loop (the quickstart evaluates on the test split instead)."""
+    cfg = Config.fromfile(str(config))
+    options: dict[str, Any] = {"model.tokenizer": str(tokenizer_dir)}
+    for split in SPLITS:
+        options[f"{split}_dataloader.dataset.data_root"] = str(data_root)
+        for i, step in enumerate(cfg[f"{split}_dataloader"]["dataset"]["pipeline"]):
+            if step["type"] == "PackGroundedChatInputs":
+                options[f"{split}_dataloader.dataset.pipeline.{i}.tokenizer"] = str(tokenizer_dir)
+    for i, step in enumerate(cfg.get("test_pipeline", [])):
+        if step["type"] == "PackGroundedChatInputs":
+            options[f"test_pipeline.{i}.tokenizer"] = str(tokenizer_dir)
+    if iters is not None:
+        warmup = max(1, iters // 10)
+        options.update(
+            {
+                "train_cfg.max_iters": iters,
+                "train_cfg.val_interval": iters + 1,
+                "param_scheduler.0.end": warmup,
+                "param_scheduler.1.begin": warmup,
+                "param_scheduler.1.end": iters,
+                "default_hooks.checkpoint.interval": iters,
+            }
+        )
+    apply_cfg_options(cfg, options)
+    if not validate:
+        cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.load_from = None if load_from is None else str(load_from)
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = f"{Path(work_dir).name}_{time.time_ns()}"
+    return cfg
+
+
+def train_stage(cfg: Config, *, test: bool = False) -> tuple[Runner, dict[str, float], str]:
+    """Trains ``cfg``; returns the runner, test metrics (if ``test``) and the last checkpoint."""
+    patch_checkpoint_loader()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = {k: float(v) for k, v in runner.test().items()} if test else {}
+    checkpoint = Path(cfg.work_dir) / f"iter_{cfg.train_cfg.max_iters}.pth"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"stage finished without writing {checkpoint}")
+    return runner, metrics, str(checkpoint)
+
+
+def export_runner_model(runner: Runner, cfg: Config, directory: str | Path) -> Path:
+    """Exports the runner's (unwrapped) model with the config's test pipeline."""
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    cfg = cfg.copy()
+    cfg.test_pipeline = cfg.test_dataloader.dataset.pipeline
+    return export_pretrained(model, cfg, directory)
+
+
+@torch.no_grad()
+def draw_predictions(runner: Runner, out_dir: str | Path, *, per_task: int = 2) -> list[str]:
+    """Draws ``per_task`` test answers per task: cited regions labelled by phrase, the question
+    and the answer underneath."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    model.eval()
+    counts: dict[str, int] = {}
+    written: list[str] = []
+    for batch in runner.test_dataloader:
+        for sample in model.test_step(batch):
+            task = sample.metainfo["task"]
+            if counts.get(task, 0) >= per_task:
+                continue
+            counts[task] = counts.get(task, 0) + 1
+            written.append(_draw_one(sample, out_dir / f"{task}_{counts[task]}.png"))
+        if len(counts) >= 5 and all(v >= per_task for v in counts.values()):
+            break
+    return written
+
+
+def _draw_one(sample: Any, path: Path) -> str:
+    response = sample.pred_response
+    image = draw_response(Image.open(sample.metainfo["img_path"]).convert("RGB"), response)
+    question = sample.metainfo.get("question", "")
+    lines = [f"Q: {question}"] if question else []
+    lines += [f"A: {response.raw_text}", f"reference: {sample.metainfo.get('answer', '')}"]
+    add_caption(image, lines).save(path)
+    return str(path)
+
+
+def print_table(metrics: Mapping[str, float], title: str) -> None:
+    """A two-column table of metrics, sorted by key."""
+    print(f"\n{title}")
+    width = max([len(k) for k in metrics] + [10])
+    print(f"  {'metric':<{width}}  value")
+    for key in sorted(metrics):
+        print(f"  {key:<{width}}  {metrics[key]:.4f}")

@@ -1,0 +1,398 @@
+"""``GromaPX(BaseModel)``: image -> proposals -> region tokens -> LLM -> grounded answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseModel
+from mmengine.structures import BaseDataElement, InstanceData
+from torch import Tensor
+
+from region_proposer.box_ops import denormalize_boxes, normalize_boxes
+from region_proposer.pretrain import with_in_channels
+from region_proposer.pretrain.transforms import to_original_boxes
+from region_proposer.structures import FeaturePyramid, Proposals
+
+from ..llm.generation import greedy_generate
+from ..llm.parser import parse_grounded_text
+from ..llm.sequence import IGNORE_INDEX, build_sequence, collate_sequences
+from ..llm.tokenizer import load_tokenizer
+from ..llm.vocab import GroundingVocab
+from ..registry import MODELS
+from ..structures import GroundedRegion, RegionSource, RegionTokens
+from .inputs import SampleReferences, sample_references, splice_features
+from .perception_cache import PerceptionCache
+
+LAYOUTS = ("pair", "fused")
+CONSUMER_ROLES = ("proposer", "region", "image")
+
+
+@dataclass
+class Perception:
+    """What the frozen-or-not perception side produced for a batch."""
+
+    pyramids: dict[str, FeaturePyramid]
+    proposals: Proposals
+    selections: list[Any]  # RegionSelection per sample
+    references: list[SampleReferences]
+
+
+@MODELS.register_module()
+class GromaPX(BaseModel):
+    """Decoupled-perception grounded MLLM (Groma): a composition of configured parts.
+
+    ``forward`` modes: ``loss`` -> ``{"loss": next-token CE over text and region-index tokens,
+    "region_acc": ...}``; ``predict`` -> data samples with ``pred_response``
+    (:class:`GroundedResponse`, boxes in original pixels), ``pred_text``, ``kept_boxes`` and
+    ``gt_boxes_original``; ``tensor`` -> ``{"logits", "region_tokens"}``.
+
+    Args:
+        backbone: ``VisionBackbone`` config (shared by proposer, region encoder, image tokens).
+        proposer: Any ``region_proposer`` proposer config; ``in_channels`` is derived.
+        region_encoder: Region encoder config (``RoIRegionEncoder``); widths are derived.
+        image_tokenizer: ``ImageTokenizer`` config; widths are derived.
+        llm: ``GroundedCausalLM`` config; the grounding-token block is derived from the tokenizer.
+        tokenizer: Local tokenizer directory holding the grounding tokens.
+        selector: ``RegionSelector`` config; ``top_k`` must not exceed the region tokens.
+        layout: Region block layout, ``"pair"`` (Groma) or ``"fused"``. Defaults to "pair".
+        consumers: Backbone output feeding each role (``proposer``, ``region``, ``image``).
+            Defaults to "proposer" for all three (one shared pyramid).
+        frozen: Sub-module names (dotted paths allowed) whose parameters do not train and stay
+            in eval mode. Defaults to ("backbone", "proposer").
+        max_new_tokens: Generation limit in ``predict``. Defaults to 64.
+        cache_perception: Keep each training image's pyramid and proposals after the first
+            computation (``PerceptionCache``); needs the backbone and proposer frozen and a
+            fixed padded size (``data_preprocessor.pad_to_size``). Defaults to False.
+        data_preprocessor: ``ProposerDataPreprocessor`` config.
+        init_cfg: mmengine init config.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: dict,
+        proposer: dict,
+        region_encoder: dict,
+        image_tokenizer: dict,
+        llm: dict,
+        tokenizer: str,
+        selector: dict | None = None,
+        layout: str = "pair",
+        consumers: dict[str, str] | None = None,
+        frozen: Sequence[str] = ("backbone", "proposer"),
+        max_new_tokens: int = 64,
+        cache_perception: bool = False,
+        data_preprocessor: dict | None = None,
+        init_cfg: dict | None = None,
+    ) -> None:
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.max_new_tokens = max_new_tokens
+        self.consumers = self._check_consumers(consumers)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.vocab = GroundingVocab.from_tokenizer(self.tokenizer)
+        self.token_ids = self.vocab.token_ids(self.tokenizer)
+        self.backbone = MODELS.build(backbone)
+        self.proposer = MODELS.build(
+            with_in_channels(proposer, self.backbone, self.consumers["proposer"])
+        )
+        self.llm = MODELS.build(self._llm_cfg(llm))
+        self.region_encoder = MODELS.build(self._width_cfg(region_encoder, "region", levels=True))
+        self.image_tokenizer = MODELS.build(self._width_cfg(image_tokenizer, "image"))
+        self.selector = MODELS.build(dict(type="RegionSelector") if selector is None else selector)
+        if self.selector.top_k > self.vocab.num_region_tokens:
+            raise ValueError(
+                f"selector.top_k={self.selector.top_k} exceeds the tokenizer's "
+                f"{self.vocab.num_region_tokens} region tokens"
+            )
+        self.frozen = tuple(frozen)
+        self._freeze()
+        self._cache = self._build_cache() if cache_perception else None
+
+    # ----------------------------------------------------------------------------- building
+    def _check_consumers(self, consumers: dict[str, str] | None) -> dict[str, str]:
+        out = {role: "proposer" for role in CONSUMER_ROLES}
+        unknown = set(consumers or {}) - set(CONSUMER_ROLES)
+        if unknown:
+            raise KeyError(f"unknown consumers roles {sorted(unknown)}; known: {CONSUMER_ROLES}")
+        out.update(consumers or {})
+        return out
+
+    def _llm_cfg(self, llm: dict) -> dict:
+        ids = sorted(self.token_ids.all_ids)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError("the tokenizer's grounding tokens must have contiguous ids")
+        cfg = dict(llm, first_new_id=ids[0], num_new_tokens=len(ids))
+        if cfg.get("config") is not None:
+            cfg["config"] = dict(cfg["config"])
+            cfg["config"].setdefault("vocab_size", ids[0])
+        return cfg
+
+    def _width_cfg(self, cfg: dict, role: str, *, levels: bool = False) -> dict:
+        consumer = self.consumers[role]
+        cfg = dict(cfg, out_dim=self.llm.hidden_size)
+        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
+        if levels:
+            cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
+        return cfg
+
+    def _build_cache(self) -> PerceptionCache:
+        if not {"backbone", "proposer"} <= set(self.frozen):
+            raise ValueError(
+                "cache_perception=True needs 'backbone' and 'proposer' in frozen (cached "
+                f"features of trained modules would go stale); frozen={self.frozen}"
+            )
+        return PerceptionCache([self.consumers["region"], self.consumers["image"]])
+
+    def _freeze(self) -> None:
+        for name in self.frozen:
+            module = self.get_submodule(name)
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> GromaPX:
+        """Frozen sub-modules stay in eval mode (no dropout, fixed norms, inference proposer)."""
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
+
+    @property
+    def num_image_tokens(self) -> int:
+        """G, the image tokens per image."""
+        return self.image_tokenizer.num_tokens
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        inputs: Tensor,
+        data_samples: list[BaseDataElement] | None = None,
+        valid_sizes: Tensor | None = None,
+        mode: str = "tensor",
+    ) -> dict[str, Tensor] | list[BaseDataElement]:
+        """See the class docstring; ``valid_sizes`` (B, 2) come from the data preprocessor."""
+        if data_samples is None:
+            raise ValueError("GromaPX needs data_samples (token ids and regions) in every mode")
+        if valid_sizes is None:
+            valid_sizes = torch.tensor([inputs.shape[-2:]] * len(inputs), device=inputs.device)
+        if mode == "loss":
+            return self.loss(inputs, data_samples, valid_sizes)
+        if mode == "predict":
+            return self.predict(inputs, data_samples, valid_sizes)
+        if mode == "tensor":
+            return self._forward(inputs, data_samples, valid_sizes)
+        raise ValueError(f"unknown mode {mode!r}; expected 'loss', 'predict' or 'tensor'")
+
+    def perceive(
+        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> Perception:
+        """Backbone, proposer and region selection for a batch."""
+        if self._cache is not None and self.training:
+            pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
+        else:
+            pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
+        references = [
+            sample_references(s, size) for s, size in zip(data_samples, valid_sizes, strict=True)
+        ]
+        selections = [
+            self.selector(
+                proposals.boxes[b][proposals.valid[b]],
+                proposals.scores[b][proposals.valid[b]],
+                user_boxes=ref.user_boxes,
+                gt_boxes=ref.gt_boxes,
+                training=self.training,
+            )
+            for b, ref in enumerate(references)
+        ]
+        return Perception(pyramids, proposals, selections, references)
+
+    def _propose(
+        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> tuple[dict[str, FeaturePyramid], Proposals]:
+        """Backbone pyramids and proposals (the proposer sees normalised GT, for oracles)."""
+        trains = any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            pyramids = self.backbone(inputs, valid_sizes)
+        gt = [
+            InstanceData(
+                metainfo={"sample_id": s.metainfo.get("sample_id")},
+                bboxes=normalize_boxes(s.gt_boxes.float(), size).clamp(0.0, 1.0),
+            )
+            for s, size in zip(data_samples, valid_sizes, strict=True)
+        ]
+        with torch.no_grad():
+            proposals = self.proposer(pyramids[self.consumers["proposer"]], gt)
+        return pyramids, proposals
+
+    def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:
+        """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows."""
+        boxes = [sel.boxes for sel in perception.selections]
+        feats = self.region_encoder(perception.pyramids[self.consumers["region"]], boxes)
+        counts = torch.tensor([len(b) for b in boxes], device=feats.device)
+        offsets = torch.cumsum(counts, 0) - counts
+        return feats, offsets
+
+    def _embed(
+        self, perception: Perception, data_samples: list[BaseDataElement], *, padding_side: str
+    ) -> dict[str, Tensor]:
+        """Token sequences of the batch and their spliced input embeddings."""
+        seqs = []
+        for sample, sel, ref in zip(
+            data_samples, perception.selections, perception.references, strict=True
+        ):
+            rows = ref.placeholder_rows(sel.ref_to_region)
+            seqs.append(
+                build_sequence(
+                    sample.input_ids.long(),
+                    sample.label_mask.bool(),
+                    rows,
+                    ids=self.token_ids,
+                    num_regions=int(sel.boxes.shape[0]),
+                    num_image_tokens=self.num_image_tokens,
+                    layout=self.layout,
+                )
+            )
+        batch = collate_sequences(seqs, pad_token_id=self._pad_id, padding_side=padding_side)
+        device = self.data_preprocessor.mean.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        region_feats, offsets = self._region_features(perception)
+        image_feats = self.image_tokenizer(perception.pyramids[self.consumers["image"]])
+        batch["inputs_embeds"] = splice_features(
+            self.llm.embed_tokens(batch["input_ids"]),
+            image_slots=batch["image_slots"],
+            image_feats=image_feats,
+            region_slots=batch["region_slots"],
+            region_add=batch["region_add"],
+            region_feats=region_feats,
+            region_offsets=offsets,
+        )
+        batch["region_feats"] = region_feats
+        return batch
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def loss(
+        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> dict[str, Tensor]:
+        """Next-token cross-entropy over supervised text and region-index tokens."""
+        perception = self.perceive(inputs, data_samples, valid_sizes)
+        batch = self._embed(perception, data_samples, padding_side="right")
+        out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return {"loss": loss, "region_acc": self._region_accuracy(logits, labels)}
+
+    def _region_accuracy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Share of supervised ``<ri>`` targets predicted exactly (teacher forcing); a
+        diagnostic that mmengine logs next to the loss."""
+        region_ids = torch.tensor(self.token_ids.regions, device=labels.device)
+        is_region = torch.isin(labels, region_ids)
+        if not bool(is_region.any()):
+            return logits.new_zeros(())
+        hits = logits.argmax(-1)[is_region] == labels[is_region]
+        return hits.float().mean().detach()
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> list[BaseDataElement]:
+        """Greedy generation with KV cache; region and image features enter only the prefill."""
+        perception = self.perceive(inputs, data_samples, valid_sizes)
+        batch = self._embed(perception, data_samples, padding_side="left")
+        eos = self.tokenizer.eos_token_id
+        generated = greedy_generate(
+            self.llm,
+            batch["inputs_embeds"],
+            batch["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self._pad_id,
+        )
+        for b, sample in enumerate(data_samples):
+            regions, kept = self._kept_regions(perception.selections[b], sample, valid_sizes[b])
+            raw = self._decode(generated.tokens[b])
+            sample.pred_response = parse_grounded_text(raw, regions, vocab=self.vocab)
+            sample.pred_text = sample.pred_response.text
+            sample.kept_boxes = kept
+            sample.gt_boxes_original = to_original_boxes(sample.gt_boxes.float(), sample.metainfo)
+        return data_samples
+
+    def _decode(self, tokens: Tensor) -> str:
+        ids = tokens.tolist()
+        stops = {self.tokenizer.eos_token_id, self._pad_id}
+        for i, t in enumerate(ids):
+            if t in stops:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @staticmethod
+    def _kept_regions(
+        selection: Any, sample: BaseDataElement, valid_size: Tensor
+    ) -> tuple[list[GroundedRegion], Tensor]:
+        """Kept regions (row i = ``<ri>``) in original-image pixels."""
+        boxes = to_original_boxes(denormalize_boxes(selection.boxes, valid_size), sample.metainfo)
+        h, w = sample.metainfo.get("ori_shape", (float("inf"), float("inf")))
+        boxes = (
+            torch.stack(
+                [
+                    boxes[:, 0].clamp(0, w),
+                    boxes[:, 1].clamp(0, h),
+                    boxes[:, 2].clamp(0, w),
+                    boxes[:, 3].clamp(0, h),
+                ],
+                dim=-1,
+            )
+            if boxes.numel()
+            else boxes.reshape(0, 4)
+        )
+        regions = [
+            GroundedRegion(
+                box=tuple(float(v) for v in box),
+                score=float(min(max(float(score), 0.0), 1.0)),
+                source=RegionSource(int(code)).label,
+            )
+            for box, score, code in zip(boxes, selection.scores, selection.source, strict=True)
+        ]
+        return regions, boxes.detach().cpu()
+
+    def _forward(
+        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
+    ) -> dict[str, Any]:
+        perception = self.perceive(inputs, data_samples, valid_sizes)
+        batch = self._embed(perception, data_samples, padding_side="right")
+        out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+        return {"logits": out.logits, "region_tokens": self._region_tokens(perception, batch)}
+
+    @staticmethod
+    def _region_tokens(perception: Perception, batch: dict[str, Tensor]) -> RegionTokens:
+        """Padded ``RegionTokens`` of the batch (row i of sample b is its ``<ri>``)."""
+        sels = perception.selections
+        feats = batch["region_feats"]
+        num = max([len(s.boxes) for s in sels] + [0])
+        b = len(sels)
+        tokens = feats.new_zeros(b, num, feats.shape[-1])
+        boxes = feats.new_zeros(b, num, 4)
+        valid = torch.zeros(b, num, dtype=torch.bool, device=feats.device)
+        source = torch.zeros(b, num, dtype=torch.long, device=feats.device)
+        start = 0
+        for i, sel in enumerate(sels):
+            k = len(sel.boxes)
+            tokens[i, :k] = feats[start : start + k]
+            boxes[i, :k] = sel.boxes.to(feats)
+            valid[i, :k] = True
+            source[i, :k] = sel.source.to(source)
+            start += k
+        return RegionTokens(tokens=tokens, boxes=boxes, valid=valid, source=source)

@@ -1,0 +1,146 @@
+"""``PerceptionCache``: keeps what frozen perception computed for an image (pyramid, proposals).
+
+Stages 2 and 3 keep the backbone and the proposer frozen, so their outputs for an image never
+change; recomputing them every epoch is about half of a CPU training step. The cache stores, per
+image, each pyramid level cropped to the image's valid cells (float16) and its proposals, and
+rebuilds padded batches from them. It is keyed by the image file and the transform applied
+(size, flip, affine), so it must only be enabled with frozen perception (``GromaPX`` checks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mmengine.structures import BaseDataElement
+from torch import Tensor
+
+from region_proposer.structures import FeaturePyramid, Proposals
+
+Computed = tuple[dict[str, FeaturePyramid], Proposals]
+
+
+def _key(sample: BaseDataElement) -> tuple:
+    meta = sample.metainfo
+    return (
+        meta.get("img_path"),
+        tuple(meta.get("img_shape", ())),
+        bool(meta.get("flip", False)),
+        tuple(round(float(v), 6) for v in meta.get("affine", ())),
+    )
+
+
+class PerceptionCache:
+    """Per-image cache of frozen perception outputs.
+
+    Args:
+        consumers: Backbone outputs to keep (those the region encoder and image tokens read).
+        max_items: Most images kept; beyond it, new images are computed but not stored.
+            Defaults to 100000.
+    """
+
+    def __init__(self, consumers: Sequence[str], *, max_items: int = 100_000) -> None:
+        self.consumers = tuple(dict.fromkeys(consumers))
+        self.max_items = max_items
+        self._items: dict[tuple, dict[str, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __call__(
+        self,
+        inputs: Tensor,
+        data_samples: list[BaseDataElement],
+        valid_sizes: Tensor,
+        compute: Callable[[Tensor, list[BaseDataElement], Tensor], Computed],
+    ) -> Computed:
+        """The batch's pyramids and proposals, computing only the images not cached yet."""
+        keys = [_key(s) for s in data_samples]
+        missing = [i for i, k in enumerate(keys) if k not in self._items]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh: dict[int, dict[str, Any]] = {}
+        if missing:
+            index = torch.tensor(missing, device=inputs.device)
+            pyramids, proposals = compute(
+                inputs[index], [data_samples[i] for i in missing], valid_sizes[index]
+            )
+            for j, i in enumerate(missing):
+                fresh[i] = self._split(pyramids, proposals, j, valid_sizes[i])
+                if len(self._items) < self.max_items:
+                    self._items[keys[i]] = fresh[i]
+        items = [fresh.get(i) or self._items[k] for i, k in enumerate(keys)]
+        return self._assemble(items, tuple(inputs.shape[-2:]), valid_sizes)
+
+    def _split(
+        self, pyramids: dict[str, FeaturePyramid], proposals: Proposals, j: int, size: Tensor
+    ) -> dict[str, Any]:
+        """Image j's valid cells per level (float16) and its valid proposals."""
+        h, w = (int(v) for v in size)
+        item: dict[str, Any] = {"image_size": pyramids[self.consumers[0]].image_size}
+        for name in self.consumers:
+            pyramid = pyramids[name]
+            item[f"{name}/shapes"] = [tuple(m.shape[-2:]) for m in pyramid.maps]
+            item[name] = [
+                fmap[j, :, : _cells(h, stride, fmap.shape[-2]), : _cells(w, stride, fmap.shape[-1])]
+                .detach()
+                .to(torch.float16)
+                .clone()
+                for fmap, stride in zip(pyramid.maps, pyramid.strides, strict=True)
+            ]
+        valid = proposals.valid[j]
+        item["boxes"] = proposals.boxes[j][valid].detach().clone()
+        item["scores"] = proposals.scores[j][valid].detach().clone()
+        return item
+
+    def _assemble(
+        self, items: list[dict[str, Any]], image_size: tuple[int, int], valid_sizes: Tensor
+    ) -> Computed:
+        sizes = {tuple(item["image_size"]) for item in items}
+        if sizes != {tuple(image_size)}:
+            raise ValueError(
+                f"PerceptionCache: cached features were computed for padded sizes {sorted(sizes)} "
+                f"but this batch is {tuple(image_size)}; set data_preprocessor.pad_to_size so "
+                "that every batch has one padded size"
+            )
+        pyramids = {}
+        for name in self.consumers:
+            maps = []
+            for level in range(len(items[0][name])):
+                crops = [item[name][level] for item in items]
+                rows, cols = items[0][f"{name}/shapes"][level]
+                maps.append(
+                    torch.stack(
+                        [
+                            F.pad(c.float(), (0, cols - c.shape[-1], 0, rows - c.shape[-2]))
+                            for c in crops
+                        ]
+                    )
+                )
+            pyramids[name] = FeaturePyramid.from_maps(
+                maps, image_size=image_size, valid_sizes=valid_sizes
+            )
+        return pyramids, _stack_proposals(items, valid_sizes.device)
+
+
+def _cells(extent: int, stride: float, limit: int) -> int:
+    return min(limit, max(1, math.ceil(extent / stride)))
+
+
+def _stack_proposals(items: list[dict[str, Any]], device: torch.device) -> Proposals:
+    num = max([len(item["scores"]) for item in items] + [1])
+    b = len(items)
+    boxes = torch.zeros(b, num, 4, device=device)
+    scores = torch.zeros(b, num, device=device)
+    valid = torch.zeros(b, num, dtype=torch.bool, device=device)
+    for i, item in enumerate(items):
+        n = len(item["scores"])
+        boxes[i, :n] = item["boxes"]
+        scores[i, :n] = item["scores"]
+        valid[i, :n] = True
+    return Proposals(boxes=boxes, scores=scores, valid=valid)

@@ -1,0 +1,246 @@
+"""Region features for the LLM: multi-level RoIAlign on a FeaturePyramid plus a box embedding."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert, roi_align
+
+from groma_px.registry import MODELS
+from region_proposer.structures import FeaturePyramid
+
+_FUSIONS = ("sum", "concat")
+# Groma declares featmap strides [14/8, 14/4, 14/2] for maps whose real strides are
+# [14/4, 14/2, 14] (a 32x32 ViT map at 448 px interpolated to 128/64/32 cells), so its
+# spatial_scale is 2x the right one on every level.
+LEGACY_GROMA_SCALE_FACTOR = 2.0
+
+
+def _box_sizes(pyramid: FeaturePyramid, num_images: int, like: Tensor) -> Tensor:
+    """(B, 2) float (h, w) each image's normalised boxes refer to."""
+    if pyramid.valid_sizes is not None:
+        return pyramid.valid_sizes.to(device=like.device, dtype=like.dtype)
+    return like.new_tensor(pyramid.image_size).expand(num_images, 2)
+
+
+def regions_to_pixels(
+    pyramid: FeaturePyramid, boxes: Sequence[Tensor], *, legacy_groma_roi: bool = False
+) -> list[Tensor]:
+    """Normalised xyxy of each unpadded image -> absolute pixel xyxy of the padded batch.
+
+    Args:
+        pyramid: Gives the per-image valid sizes (or ``image_size`` when nothing is padded).
+        boxes: ``boxes[b]`` is (K_b, 4) normalised xyxy of image b.
+        legacy_groma_roi: Return Groma's boxes instead: (cx, cy, w, h) in pixels, to be read
+            as if they were (x0, y0, x1, y1). Defaults to False.
+
+    Returns:
+        ``rois[b]``: (K_b, 4) pixel boxes of image b (top-left aligned in the padded batch).
+    """
+    sizes = _box_sizes(pyramid, len(boxes), boxes[0] if boxes else torch.zeros(0))
+    rois = []
+    for b, norm in enumerate(boxes):
+        h, w = sizes[b].unbind()
+        if legacy_groma_roi:  # Groma issues 11 and 21: cxcywh fed where xyxy is expected
+            norm = box_convert(norm, in_fmt="xyxy", out_fmt="cxcywh")
+        rois.append(norm * torch.stack([w, h, w, h]).to(norm.dtype))
+    return rois
+
+
+def pool_regions(
+    pyramid: FeaturePyramid,
+    boxes: Sequence[Tensor],
+    *,
+    levels: Sequence[int],
+    roi_size: int,
+    sampling_ratio: int,
+    legacy_groma_roi: bool = False,
+) -> list[Tensor]:
+    """RoIAlign of every region on each chosen pyramid level, at the level's real stride.
+
+    Args:
+        pyramid: Feature maps, each (B, C_i, H_i, W_i), with their strides.
+        boxes: ``boxes[b]`` is (K_b, 4) normalised xyxy of the unpadded image b.
+        levels: Indices of the pyramid levels to pool from.
+        roi_size: Output cells per side.
+        sampling_ratio: Bilinear samples per output cell and axis (0: adaptive).
+        legacy_groma_roi: Reproduce Groma's box format and scale bugs (see
+            :class:`RoIRegionEncoder`). Defaults to False.
+
+    Returns:
+        One (sum K_b, C_i, roi_size, roi_size) tensor per level, regions in batch order.
+    """
+    rois = regions_to_pixels(pyramid, boxes, legacy_groma_roi=legacy_groma_roi)
+    factor = LEGACY_GROMA_SCALE_FACTOR if legacy_groma_roi else 1.0
+    pooled = []
+    for level in levels:
+        fmap = pyramid.maps[level]
+        pooled.append(
+            roi_align(
+                fmap,
+                [r.to(fmap.dtype) for r in rois],
+                output_size=roi_size,
+                spatial_scale=factor / pyramid.strides[level],
+                sampling_ratio=sampling_ratio,
+                aligned=True,  # pixel centres at +0.5 (detectron2 ROIAlignV2)
+            )
+        )
+    return pooled
+
+
+def box_features(boxes: Tensor) -> Tensor:
+    """(K, 4) normalised xyxy -> (K, 6) (x0, y0, x1, y1, w, h), the box-embedding input."""
+    return torch.cat([boxes, boxes[:, 2:] - boxes[:, :2]], dim=1)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+@MODELS.register_module()
+class RoIRegionEncoder(nn.Module):
+    """Multi-level RoIAlign on a FeaturePyramid -> one LLM-width token per region, plus a
+    box-position embedding.
+
+    Each chosen level is pooled to ``roi_size x roi_size`` with ``spatial_scale = 1 / stride``
+    taken from the pyramid, projected by a per-level 1x1 convolution to ``hidden_dim``, fused
+    (summed or concatenated), flattened and mapped by an MLP (Linear-GELU-Linear) to ``out_dim``;
+    an MLP of the normalised (x0, y0, x1, y1, w, h) is added.
+
+    ``legacy_groma_roi=True`` reproduces Groma's released RoI extraction, for ablations only
+    (FoundationVision/Groma ``groma/model/roi_align.py``; issues 11 and 21):
+
+    - Box format: Groma feeds the normalised proposals in (cx, cy, w, h), scaled to pixels, to a
+      RoIAlign that reads (x0, y0, x1, y1). Here the same pixel (cx, cy, w, h) is given to
+      ``roi_align``, so a region is pooled from [cx, w] x [cy, h] (reversed when w < cx).
+    - Scale: Groma declares strides [14/8, 14/4, 14/2] for maps at real strides [14/4, 14/2, 14],
+      so each level uses ``spatial_scale = LEGACY_GROMA_SCALE_FACTOR / stride`` (factor 2): the
+      box lands at twice its coordinates on the map. The real strides still come from the
+      pyramid; only the factor is Groma's.
+
+    Groma's hard-coded 448-pixel box scale is not reproduced (boxes scale with the real image
+    size), and the box embedding always sees the correct boxes.
+
+    Args:
+        in_channels: Channels C of the pooled pyramid levels.
+        num_levels: Number of levels in the pyramid (checked in ``forward``).
+        out_dim: Token width (the LLM's hidden size).
+        roi_size: RoIAlign output cells per side. Defaults to 4.
+        hidden_dim: Width of the per-level projection and the MLPs. Defaults to 512.
+        levels: Pyramid levels to pool from. Defaults to all.
+        fusion: ``"sum"`` or ``"concat"`` of the projected levels. Defaults to ``"sum"``.
+        box_embed: Add the box-position embedding. Defaults to True.
+        sampling_ratio: Bilinear samples per output cell and axis (0: adaptive). Defaults to 2.
+        legacy_groma_roi: Reproduce Groma's RoI bugs (see above). Defaults to False.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_levels: int,
+        out_dim: int,
+        roi_size: int = 4,
+        hidden_dim: int = 512,
+        levels: Sequence[int] | None = None,
+        fusion: str = "sum",
+        box_embed: bool = True,
+        sampling_ratio: int = 2,
+        legacy_groma_roi: bool = False,
+    ) -> None:
+        super().__init__()
+        self.levels = tuple(range(num_levels)) if levels is None else tuple(levels)
+        _check_args(in_channels, num_levels, out_dim, roi_size, hidden_dim, self.levels, fusion)
+        if sampling_ratio < 0:
+            raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
+        if legacy_groma_roi:
+            warnings.warn(
+                "RoIRegionEncoder(legacy_groma_roi=True) reproduces Groma's RoI bugs (cxcywh read "
+                "as xyxy, 2x spatial scale); use it for ablations only",
+                stacklevel=2,
+            )
+        self.in_channels = in_channels
+        self.num_levels = num_levels
+        self.out_dim = out_dim
+        self.roi_size = roi_size
+        self.fusion = fusion
+        self.sampling_ratio = sampling_ratio
+        self.legacy_groma_roi = legacy_groma_roi
+        self.level_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=1) for _ in self.levels
+        )
+        fused_channels = hidden_dim * (len(self.levels) if fusion == "concat" else 1)
+        self.head = _mlp(fused_channels * roi_size * roi_size, hidden_dim, out_dim)
+        self.box_embed = _mlp(6, hidden_dim, out_dim) if box_embed else None
+
+    def forward(self, pyramid: FeaturePyramid, boxes: list[Tensor]) -> Tensor:
+        """Encodes the regions of a batch.
+
+        Args:
+            pyramid: Feature maps of the padded batch, ``num_levels`` levels of ``in_channels``.
+            boxes: ``boxes[b]`` is (K_b, 4) normalised xyxy of the unpadded image b.
+
+        Returns:
+            (sum K_b, out_dim) region tokens in batch order. With no regions at all this is
+            (0, out_dim) and still part of the graph (every parameter gets a zero gradient).
+        """
+        self._check_inputs(pyramid, boxes)
+        pooled = pool_regions(
+            pyramid,
+            boxes,
+            levels=self.levels,
+            roi_size=self.roi_size,
+            sampling_ratio=self.sampling_ratio,
+            legacy_groma_roi=self.legacy_groma_roi,
+        )
+        projected = [proj(p) for proj, p in zip(self.level_proj, pooled, strict=True)]
+        # (K, hidden, r, r) per level -> (K, hidden or L * hidden, r, r)
+        fused = sum(projected) if self.fusion == "sum" else torch.cat(projected, dim=1)
+        tokens = self.head(fused.flatten(1))
+        if self.box_embed is not None:
+            tokens = tokens + self.box_embed(box_features(torch.cat(boxes)).to(tokens.dtype))
+        return tokens
+
+    def _check_inputs(self, pyramid: FeaturePyramid, boxes: list[Tensor]) -> None:
+        if len(pyramid.maps) != self.num_levels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.num_levels} pyramid levels, got "
+                f"{len(pyramid.maps)}"
+            )
+        for level in self.levels:
+            if pyramid.channels[level] != self.in_channels:
+                raise ValueError(
+                    f"pyramid.maps[{level}] has {pyramid.channels[level]} channels, expected "
+                    f"in_channels={self.in_channels}"
+                )
+        if len(boxes) != pyramid.batch_size:
+            raise ValueError(f"got boxes for {len(boxes)} images, batch size {pyramid.batch_size}")
+        for b, box in enumerate(boxes):
+            if box.ndim != 2 or box.shape[-1] != 4 or not box.is_floating_point():
+                raise ValueError(f"boxes[{b}] must be float (K, 4), got {tuple(box.shape)}")
+
+
+def _check_args(
+    in_channels: int,
+    num_levels: int,
+    out_dim: int,
+    roi_size: int,
+    hidden_dim: int,
+    levels: tuple[int, ...],
+    fusion: str,
+) -> None:
+    """Raises ValueError on a non-positive size, bad level indices or an unknown fusion."""
+    sizes = dict(in_channels=in_channels, num_levels=num_levels, out_dim=out_dim)
+    sizes.update(roi_size=roi_size, hidden_dim=hidden_dim)
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be non-empty and unique, got {levels}")
+    if not all(0 <= level < num_levels for level in levels):
+        raise ValueError(f"levels {levels} must lie in [0, num_levels={num_levels})")
+    if fusion not in _FUSIONS:
+        raise ValueError(f"fusion must be one of {_FUSIONS}, got {fusion!r}")

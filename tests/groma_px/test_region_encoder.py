@@ -1,0 +1,159 @@
+"""RoIRegionEncoder: RoIAlign against hand-cropped cells, real strides, shapes, legacy mode."""
+
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from groma_px.region_encoder import RoIRegionEncoder
+from groma_px.region_encoder import roi_encoder as roi_module
+from groma_px.region_encoder.roi_encoder import pool_regions
+from groma_px.registry import MODELS
+from region_proposer.structures import FeaturePyramid
+
+
+def _odd_pyramid(channels: int = 4) -> FeaturePyramid:
+    """200x250 and 200x249 images padded to 200x250, at strides 8 and 200/13."""
+    gen = torch.Generator().manual_seed(0)
+    maps = [
+        torch.randn(2, channels, 25, 32, generator=gen),
+        torch.randn(2, channels, 13, 16, generator=gen),
+    ]
+    valid = torch.tensor([[200, 250], [200, 249]])
+    return FeaturePyramid.from_maps(maps, image_size=(200, 250), valid_sizes=valid)
+
+
+def _encoder(**kwargs) -> RoIRegionEncoder:
+    torch.manual_seed(0)
+    args = dict(in_channels=4, num_levels=2, out_dim=6, roi_size=2, hidden_dim=8)
+    args.update(kwargs)
+    return RoIRegionEncoder(**args)
+
+
+def _boxes() -> list[torch.Tensor]:
+    return [
+        torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.7, 0.1, 0.9, 0.3]]),
+        torch.tensor([[0.3, 0.3, 0.8, 0.9], [0.5, 0.0, 0.6, 0.2]]),
+    ]
+
+
+def test_roi_align_matches_hand_average_of_cells():
+    # Box pixels x 8..24, y 4..20 on a stride-4 map = cells x 2..5, y 1..4; 2x2 output bins of
+    # 2x2 cells; sampling_ratio 2 samples exactly at the cell centres (aligned=True).
+    fmap = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    pyramid = FeaturePyramid.from_maps([fmap], image_size=(32, 32))
+    box = torch.tensor([[8 / 32, 4 / 32, 24 / 32, 20 / 32]])
+    (pooled,) = pool_regions(pyramid, [box], levels=[0], roi_size=2, sampling_ratio=2)
+    crop = fmap[0, 0, 1:5, 2:6]  # (4, 4) rows y 1..4, cols x 2..5
+    expected = crop.reshape(2, 2, 2, 2).mean(dim=(1, 3))  # [i, a, j, b] -> bin (i, j)
+    torch.testing.assert_close(pooled[0, 0], expected)
+
+
+def test_roi_align_uses_each_images_valid_size_in_a_padded_batch():
+    # Padded 32x48 batch; image 1 is 16x32. With sampling_ratio 1 a bin of 2 cells samples the
+    # boundary between them (their mean) and a bin of 1 cell its centre (the cell itself).
+    fmap = torch.randn(2, 1, 8, 12, generator=torch.Generator().manual_seed(2))
+    valid = torch.tensor([[32, 48], [16, 32]])
+    pyramid = FeaturePyramid.from_maps([fmap], image_size=(32, 48), valid_sizes=valid)
+    boxes = [torch.tensor([[0.0, 0.0, 1 / 3, 0.25]]), torch.tensor([[0.25, 0.25, 0.75, 0.75]])]
+    (pooled,) = pool_regions(pyramid, boxes, levels=[0], roi_size=2, sampling_ratio=1)
+    # image 0: pixels x 0..16, y 0..8 -> cells x 0..3, y 0..1
+    torch.testing.assert_close(pooled[0, 0], fmap[0, 0, 0:2, 0:4].reshape(2, 2, 2).mean(-1))
+    # image 1: pixels x 8..24, y 4..12 -> cells x 2..5, y 1..2
+    torch.testing.assert_close(pooled[1, 0], fmap[1, 0, 1:3, 2:6].reshape(2, 2, 2).mean(-1))
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_shapes_on_odd_non_square_padded_batch(fusion):
+    encoder = _encoder(fusion=fusion)
+    tokens = encoder(_odd_pyramid(), _boxes())
+    assert tokens.shape == (5, 6) and torch.isfinite(tokens).all()
+    # Batch order: image 1's regions alone give the last two rows.
+    single = FeaturePyramid.from_maps(
+        [m[1:] for m in _odd_pyramid().maps],
+        image_size=(200, 250),
+        valid_sizes=torch.tensor([[200, 249]]),
+    )
+    torch.testing.assert_close(encoder(single, _boxes()[1:]), tokens[3:])
+
+
+def test_spatial_scale_comes_from_the_pyramid_strides(monkeypatch):
+    scales = []
+
+    def spy(*args, **kwargs):
+        scales.append(kwargs["spatial_scale"])
+        return real(*args, **kwargs)
+
+    real = roi_module.roi_align
+    monkeypatch.setattr(roi_module, "roi_align", spy)
+    box = [torch.tensor([[0.25, 0.25, 0.75, 0.75]])]
+    fine = FeaturePyramid.from_maps([torch.randn(1, 1, 8, 8)], image_size=(32, 32))
+    coarse = FeaturePyramid.from_maps([torch.randn(1, 1, 4, 4)], image_size=(32, 32))
+    for pyramid in (fine, coarse):
+        pool_regions(pyramid, box, levels=[0], roi_size=2, sampling_ratio=2)
+    pool_regions(fine, box, levels=[0], roi_size=2, sampling_ratio=2, legacy_groma_roi=True)
+    assert scales == [1 / 4, 1 / 8, roi_module.LEGACY_GROMA_SCALE_FACTOR / 4]
+    scales.clear()
+    _encoder()(_odd_pyramid(), _boxes())
+    assert scales == pytest.approx([1 / 8, 13 / 200])
+
+
+def test_empty_boxes_give_empty_tokens_in_the_graph():
+    encoder = _encoder()
+    tokens = encoder(_odd_pyramid(), [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert tokens.shape == (0, 6) and tokens.requires_grad
+    tokens.sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    one_empty = encoder(_odd_pyramid(), [torch.zeros(0, 4), _boxes()[1]])
+    assert one_empty.shape == (2, 6)
+
+
+def test_legacy_mode_reproduces_groma_boxes_and_scale():
+    fmap = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    pyramid = FeaturePyramid.from_maps([fmap], image_size=(32, 32))
+    box = torch.tensor([[0.0, 0.0, 0.4, 0.2]])  # cxcywh (0.2, 0.1, 0.4, 0.2) != xyxy
+    kwargs = dict(levels=[0], roi_size=2, sampling_ratio=2)
+    (legacy,) = pool_regions(pyramid, [box], legacy_groma_roi=True, **kwargs)
+    (correct,) = pool_regions(pyramid, [box], **kwargs)
+    assert not torch.allclose(legacy, correct)
+    # Legacy = the correct pooling of 2 * cxcywh read as xyxy.
+    as_groma = 2 * box_convert(box, in_fmt="xyxy", out_fmt="cxcywh")
+    (expected,) = pool_regions(pyramid, [as_groma], **kwargs)
+    torch.testing.assert_close(legacy, expected)
+    with pytest.warns(UserWarning, match="legacy_groma_roi"):
+        legacy_encoder = _encoder(legacy_groma_roi=True)
+    encoder = _encoder()
+    legacy_encoder.load_state_dict(encoder.state_dict())
+    assert not torch.allclose(
+        legacy_encoder(_odd_pyramid(), _boxes()), encoder(_odd_pyramid(), _boxes())
+    )
+
+
+@pytest.mark.parametrize(("fusion", "levels"), [("sum", None), ("concat", [1, 0])])
+def test_backward_reaches_every_parameter(fusion, levels):
+    encoder = _encoder(fusion=fusion, levels=levels)
+    pyramid = _odd_pyramid()
+    for fmap in pyramid.maps:
+        fmap.requires_grad_(True)
+    encoder(pyramid, _boxes()).square().sum().backward()
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in pyramid.maps)
+
+
+def test_without_box_embed_and_bad_arguments():
+    assert _encoder(box_embed=False).box_embed is None
+    with pytest.raises(ValueError, match="fusion"):
+        _encoder(fusion="mean")
+    with pytest.raises(ValueError, match="levels"):
+        _encoder(levels=[2])
+    with pytest.raises(ValueError, match="pyramid levels"):
+        _encoder(num_levels=3, levels=[0, 1])(_odd_pyramid(), _boxes())
+    with pytest.raises(ValueError, match="in_channels"):
+        _encoder(in_channels=5)(_odd_pyramid(), _boxes())
+    with pytest.raises(ValueError, match="batch size"):
+        _encoder()(_odd_pyramid(), _boxes()[:1])
+
+
+def test_registered_in_groma_px_models():
+    # module_dict, not build(): a build imports every registry location (seconds of imports).
+    assert MODELS.module_dict["RoIRegionEncoder"] is RoIRegionEncoder

@@ -1,0 +1,226 @@
+"""Tests for ``groma_px.llm.adapter.GroundedCausalLM`` on tiny random Hugging Face models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.model import BaseModule
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from groma_px.llm.adapter import GroundedCausalLM
+from groma_px.registry import MODELS
+
+VOCAB = 300
+FIRST_NEW = 290  # < VOCAB: base rows 290..299 exist in the LLM but are unused
+NUM_NEW = 20
+TINY = dict(
+    model_type="llama",
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def tiny_lm(**kwargs) -> GroundedCausalLM:
+    torch.manual_seed(0)
+    kwargs = {"first_new_id": FIRST_NEW, "num_new_tokens": NUM_NEW, "config": TINY, **kwargs}
+    return GroundedCausalLM(**kwargs).eval()
+
+
+def saved_llama(directory: Path) -> LlamaForCausalLM:
+    """A random Llama checkpoint written with ``save_pretrained``, like a downloaded one."""
+    torch.manual_seed(1)
+    fields = {k: v for k, v in TINY.items() if k != "model_type"}
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def base_ids() -> torch.Tensor:
+    return torch.randint(0, FIRST_NEW, (2, 7), generator=torch.Generator().manual_seed(2))
+
+
+def logits_of(lm: GroundedCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    return lm(lm.embed_tokens(ids)).logits
+
+
+def test_logits_cover_base_and_new_ids_and_match_bare_model() -> None:
+    lm = tiny_lm()
+    ids = base_ids()
+    ids[0, 3] = FIRST_NEW + 5  # a grounding token inside the sequence
+    out = lm(lm.embed_tokens(ids), attention_mask=torch.ones_like(ids))
+    assert out.logits.shape == (2, 7, FIRST_NEW + NUM_NEW) == (2, 7, lm.vocab_size)
+    assert out.hidden_states.shape == (2, 7, lm.hidden_size) == (2, 7, 64)
+    assert out.past_key_values is None
+    plain = base_ids()
+    bare = lm.hf_model(input_ids=plain).logits
+    torch.testing.assert_close(logits_of(lm, plain)[..., :FIRST_NEW], bare[..., :FIRST_NEW])
+
+
+def test_embed_tokens_dispatches_to_base_and_new_tables() -> None:
+    lm = tiny_lm()
+    ids = torch.tensor([[0, FIRST_NEW - 1, FIRST_NEW, FIRST_NEW + NUM_NEW - 1]])
+    emb = lm.embed_tokens(ids)
+    base_table = lm.hf_model.get_input_embeddings().weight
+    assert emb.shape == (1, 4, 64)
+    torch.testing.assert_close(emb[0, :2], base_table[[0, FIRST_NEW - 1]])
+    torch.testing.assert_close(emb[0, 2:], lm.new_embed.weight[[0, NUM_NEW - 1]])
+
+
+@pytest.mark.parametrize("bad", [-1, FIRST_NEW + NUM_NEW])
+def test_embed_tokens_rejects_ids_outside_the_vocabulary(bad: int) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 310\)"):
+        tiny_lm().embed_tokens(torch.tensor([[1, bad]]))
+
+
+def test_first_new_id_beyond_base_vocab_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"first_new_id=301.*vocab_size=300"):
+        tiny_lm(first_new_id=VOCAB + 1)
+    assert tiny_lm(first_new_id=VOCAB).vocab_size == VOCAB + NUM_NEW  # the boundary is fine
+
+
+def test_needs_exactly_one_source_and_known_options() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        GroundedCausalLM(first_new_id=FIRST_NEW, num_new_tokens=NUM_NEW)
+    with pytest.raises(ValueError, match="dtype"):
+        tiny_lm(dtype="float64")
+    with pytest.raises(ValueError, match="model_type"):
+        tiny_lm(config={k: v for k, v in TINY.items() if k != "model_type"})
+
+
+def test_builds_from_the_registry() -> None:
+    lm = MODELS.build(
+        dict(type="GroundedCausalLM", first_new_id=FIRST_NEW, num_new_tokens=NUM_NEW, config=TINY)
+    )
+    assert isinstance(lm, GroundedCausalLM)
+
+
+def test_freeze_base_trains_only_new_tables_and_keeps_table_size() -> None:
+    lm = tiny_lm(freeze_base=True).train()
+    assert lm.hf_model.get_input_embeddings().weight.shape == (VOCAB, 64)
+    assert lm.hf_model.get_output_embeddings().weight.shape == (VOCAB, 64)
+    ids = base_ids()
+    ids[:, -1] = FIRST_NEW + 1
+    logits_of(lm, ids).logsumexp(-1).sum().backward()
+    with_grad = {n for n, p in lm.named_parameters() if p.grad is not None}
+    assert with_grad == {"new_embed.weight", "new_head.weight"}
+    assert {n for n, p in lm.named_parameters() if p.requires_grad} == with_grad
+
+
+def test_lora_trains_only_adapters_and_new_tables_and_starts_as_base() -> None:
+    plain, lora = tiny_lm(), tiny_lm(lora=LORA)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert {"new_embed.weight", "new_head.weight"} <= set(trainable)
+    assert all("lora_" in n for n in trainable if not n.startswith("new_"))
+    assert sum("lora_" in n for n in trainable) == 2 * 2 * 2  # layers x (q, v) x (A, B)
+    ids = base_ids()
+    torch.testing.assert_close(logits_of(lora, ids), logits_of(plain, ids))  # lora_B starts at 0
+    lora.train()
+    logits_of(lora, ids).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_still_gives_every_trainable_parameter_a_gradient() -> None:
+    lm = tiny_lm(lora=LORA, gradient_checkpointing=True).train()
+    assert lm.hf_model.is_activation_checkpointing
+    logits_of(lm, base_ids()).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
+
+
+def test_pretrained_llama_directory_plugs_in(tmp_path: Path) -> None:
+    saved = saved_llama(tmp_path)
+    lm = tiny_lm(config=None, pretrained=str(tmp_path))
+    ids = base_ids()
+    torch.testing.assert_close(
+        logits_of(lm, ids)[..., :FIRST_NEW], saved(ids).logits[..., :FIRST_NEW]
+    )
+
+
+def test_missing_pretrained_directory_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_llm"
+    with pytest.raises(FileNotFoundError, match="no_such_llm"):
+        tiny_lm(config=None, pretrained=str(missing))
+
+
+@pytest.mark.parametrize("lora", [None, LORA])
+def test_save_pretrained_round_trip(tmp_path: Path, lora: dict | None) -> None:
+    lm = tiny_lm(lora=lora)
+    with torch.no_grad():  # make LoRA non-trivial so that merging matters
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    lm.save_pretrained(tmp_path)
+    assert (tmp_path / "grounding_tokens.safetensors").is_file()
+    assert (tmp_path / "model.safetensors").is_file()
+    back = GroundedCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(back.new_embed.weight, lm.new_embed.weight, rtol=0, atol=0)
+    torch.testing.assert_close(back.new_head.weight, lm.new_head.weight, rtol=0, atol=0)
+    ids = base_ids()
+    ids[1, 2] = FIRST_NEW + NUM_NEW - 1
+    torch.testing.assert_close(logits_of(back, ids), logits_of(lm, ids))
+    # The base part alone loads without peft or the adapter.
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True) is not None
+
+
+def test_loading_tables_saved_for_other_ids_fails(tmp_path: Path) -> None:
+    tiny_lm().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="saved for"):
+        tiny_lm(config=None, pretrained=str(tmp_path), first_new_id=FIRST_NEW - 1)
+
+
+def test_init_weights_keeps_loaded_base_and_loaded_new_tables(tmp_path: Path) -> None:
+    tiny_lm().save_pretrained(tmp_path)
+    parent = BaseModule()  # as in GromaPX: mmengine calls each child's init_weights
+    parent.llm = GroundedCausalLM.from_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in parent.state_dict().items()}
+    parent.init_weights()
+    after = parent.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_init_weights_redraws_only_fresh_new_tables() -> None:
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    lm.init_weights()
+    changed = {k for k, v in lm.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"new_embed.weight", "new_head.weight"}
+
+
+def test_new_tables_start_at_the_scale_of_the_base_rows() -> None:
+    lm = tiny_lm()
+    base = lm.hf_model.get_input_embeddings().weight[:FIRST_NEW]
+    ratio = lm.new_embed.weight.std() / base.std()
+    assert 0.7 < ratio < 1.3
+
+
+def test_flash_attention_falls_back_to_sdpa_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="flash_attention_2.*sdpa"):
+        lm = tiny_lm(attn_implementation="flash_attention_2")
+    assert lm.hf_model.config._attn_implementation == "sdpa"
+    assert tiny_lm(attn_implementation="eager").hf_model.config._attn_implementation == "eager"
+
+
+def test_other_architectures_plug_in_with_their_scaling_and_softcapping() -> None:
+    config = dict(TINY, model_type="gemma2", head_dim=16, final_logit_softcapping=1.0)
+    lm = tiny_lm(config=config, attn_implementation="eager")  # Gemma 2 has no sdpa path
+    ids = base_ids()
+    bare = lm.hf_model(input_ids=ids).logits
+    torch.testing.assert_close(logits_of(lm, ids)[..., :FIRST_NEW], bare[..., :FIRST_NEW])
+    new = lm.embed_tokens(torch.tensor([FIRST_NEW]))
+    torch.testing.assert_close(new[0], lm.new_embed.weight[0] * 64**0.5)  # Gemma's sqrt(D)
+
+
+@pytest.mark.gpu
+def test_bfloat16_on_gpu_matches_bare_model() -> None:
+    lm = tiny_lm(dtype="bfloat16").cuda()
+    assert lm.new_embed.weight.dtype == lm.new_head.weight.dtype == torch.bfloat16
+    ids = base_ids().cuda()
+    bare = lm.hf_model(input_ids=ids).logits
+    torch.testing.assert_close(logits_of(lm, ids)[..., :FIRST_NEW], bare[..., :FIRST_NEW])
