@@ -130,7 +130,11 @@ def _train_chat(
     args: argparse.Namespace, data_root: Path, work_dir: Path, timings: dict[str, float]
 ) -> dict:
     """Stages 2 and 3, the test-split evaluation, the export and the example pictures."""
-    paths = dict(data_root=data_root, tokenizer_dir=work_dir / "tokenizer")
+    paths = dict(
+        data_root=data_root,
+        tokenizer_dir=work_dir / "tokenizer",
+        num_region_tokens=args.num_region_tokens,
+    )
     t = _step(f"6/{STEPS} stage 2: alignment (perception and LLM frozen) -> {work_dir / 'stage2'}")
     cfg2 = chat_config(
         STAGE2_CONFIG,

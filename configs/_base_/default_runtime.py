@@ -12,7 +12,9 @@ default_hooks = dict(
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
 
 vis_backends = [dict(type="LocalVisBackend")]
-visualizer = dict(type="Visualizer", vis_backends=vis_backends, name="visualizer")
+# No fixed name: mmengine then names it after the experiment, so several Runners in one process
+# (the quickstart's stages) each log to their own work dir.
+visualizer = dict(type="Visualizer", vis_backends=vis_backends)
 
 # Iteration-based schedules everywhere (the tiny CPU pipeline and the paper-scale runs).
 log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)

@@ -29,10 +29,12 @@ def chat_config(
     load_from: str | Path | None,
     iters: int | None = None,
     validate: bool = True,
+    num_region_tokens: int | None = None,
 ) -> Config:
     """A stage-2/3 config pointed at one data root and tokenizer, with an optional iteration
     budget (the schedule is rescaled: warm-up 10 %, cosine to the end); ``validate=False``
-    drops the validation loop (the quickstart evaluates on the test split instead)."""
+    drops the validation loop (the quickstart evaluates on the test split instead);
+    ``num_region_tokens`` caps the selector's top-K at the tokenizer's region tokens."""
     cfg = Config.fromfile(str(config))
     options: dict[str, Any] = {"model.tokenizer": str(tokenizer_dir)}
     for split in SPLITS:
@@ -43,6 +45,8 @@ def chat_config(
     for i, step in enumerate(cfg.get("test_pipeline", [])):
         if step["type"] == "PackGroundedChatInputs":
             options[f"test_pipeline.{i}.tokenizer"] = str(tokenizer_dir)
+    if num_region_tokens is not None:
+        options["model.selector.top_k"] = min(cfg.model.selector.top_k, num_region_tokens)
     if iters is not None:
         warmup = max(1, iters // 10)
         options.update(

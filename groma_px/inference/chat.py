@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +15,21 @@ from mmengine.dataset import Compose, pseudo_collate
 from mmengine.registry import DefaultScope
 from PIL import Image
 
-from ..data.schema import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER, REFER_BOX, count_region_placeholders
+from ..data.schema import (
+    ASSISTANT,
+    HUMAN,
+    IMAGE_PLACEHOLDER,
+    REFER_BOX,
+    REGION_PLACEHOLDERS,
+    count_region_placeholders,
+)
 from ..structures import GroundedResponse
 from .export import load_exported
 
 ImageLike = str | Path | np.ndarray | Image.Image
+_PROMPT_ONLY = re.compile(
+    "|".join(re.escape(t) for t in (IMAGE_PLACEHOLDER, "<region>", *REGION_PLACEHOLDERS))
+)
 
 
 @dataclass
@@ -56,6 +68,7 @@ class GroundedChat:
         with DefaultScope.overwrite_default_scope("groma_px"):
             self.pipeline = Compose(pipeline)
         self._tmp = tempfile.TemporaryDirectory(prefix="groma_px_chat_")
+        self._num_images = itertools.count()  # names array images' files (ids get reused)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str = "cpu") -> GroundedChat:
@@ -151,9 +164,15 @@ class GroundedChat:
                 raise ValueError(f"cannot decode image {path}: {exc}") from exc
             return str(path), width, height
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        path = Path(self._tmp.name) / f"image_{id(pil)}.png"
+        path = Path(self._tmp.name) / f"image_{next(self._num_images)}.png"
         pil.convert("RGB").save(path)
         return str(path), pil.width, pil.height
+
+
+def _replayable(raw_text: str) -> str:
+    """The answer as it goes back into the next turn's prompt: ``<ri>`` citations stay (the
+    region set is fixed), tokens that only the prompt builder may place are dropped."""
+    return _PROMPT_ONLY.sub("", raw_text)
 
 
 def _check_region(region: dict[str, Any], index: int, width: int, height: int) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def export_pretrained(model: nn.Module, cfg: Config, directory: str | Path) -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # clone: tied tables share memory, which safetensors refuses to write twice
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE))
         _export_config(cfg, model).dump(str(staging / CONFIG_FILE))
         if directory.exists():

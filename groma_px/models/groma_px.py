@@ -197,6 +197,16 @@ class GromaPX(BaseModel):
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
         else:
             pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
+        return self.perceive_from(pyramids, proposals, data_samples, valid_sizes)
+
+    def perceive_from(
+        self,
+        pyramids: dict[str, FeaturePyramid],
+        proposals: Proposals,
+        data_samples: list[BaseDataElement],
+        valid_sizes: Tensor,
+    ) -> Perception:
+        """Region selection per sample from computed pyramids and proposals."""
         references = [
             sample_references(s, size) for s, size in zip(data_samples, valid_sizes, strict=True)
         ]

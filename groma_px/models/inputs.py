@@ -118,7 +118,9 @@ def splice_features(
     else:
         if bool(has_region.any()):
             raise ValueError("sequences cite region features but the batch has no regions")
-        region = torch.zeros_like(embeds)
+        # Keep the empty region tokens in the graph: every region-encoder parameter then gets a
+        # (zero) gradient, which DDP needs of every parameter on every rank.
+        region = torch.zeros_like(embeds) + region_feats.sum().to(embeds.dtype)
     replace_region = (has_region & ~region_add)[..., None]
     add_region = (has_region & region_add)[..., None]
     out = torch.where(image_slots[..., None], image, embeds)

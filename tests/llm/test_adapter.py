@@ -199,6 +199,28 @@ def test_new_tables_start_at_the_scale_of_the_base_rows() -> None:
     assert 0.7 < ratio < 1.3
 
 
+def test_tied_new_embeddings_share_one_table_and_round_trip(tmp_path: Path) -> None:
+    lm = tiny_lm(tie_new_embeddings=True, freeze_base=True)
+    assert lm.new_head.weight is lm.new_embed.weight
+    ids = base_ids()
+    ids[:, -1] = FIRST_NEW + 3
+    hidden = lm(lm.embed_tokens(ids)).hidden_states
+    # The logit of <new 3> is the hidden state scored against <new 3>'s own input embedding.
+    expected = hidden[..., :] @ lm.new_embed.weight[3]
+    assert torch.allclose(lm(lm.embed_tokens(ids)).logits[..., FIRST_NEW + 3], expected, atol=1e-5)
+    lm(lm.embed_tokens(ids)).logits.sum().backward()
+    assert lm.new_embed.weight.grad is not None and lm.new_embed.weight.grad.abs().sum() > 0
+    lm.save_pretrained(tmp_path / "tied")
+    again = GroundedCausalLM(
+        first_new_id=FIRST_NEW,
+        num_new_tokens=NUM_NEW,
+        pretrained=str(tmp_path / "tied"),
+        tie_new_embeddings=True,
+    ).eval()
+    assert again.new_head.weight is again.new_embed.weight
+    assert torch.equal(again.new_embed.weight, lm.new_embed.weight)
+
+
 def test_flash_attention_falls_back_to_sdpa_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match="flash_attention_2.*sdpa"):

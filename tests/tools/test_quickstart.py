@@ -40,10 +40,21 @@ def quickstart_dir(tmp_path_factory):
         "16",
         "--stage1-iters",
         "2",
+        "--stage2-iters",
+        "2",
+        "--stage3-iters",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4/5 drawing one preview per task" in proc.stdout
-    assert "5/5 stage 1: training the region proposer" in proc.stdout
+    for step in (
+        "4/8 drawing one preview per task",
+        "5/8 stage 1: training the region proposer",
+        "6/8 stage 2: alignment",
+        "7/8 stage 3: fine-tuning",
+        "8/8 evaluating grounded chat on the test split",
+    ):
+        assert step in proc.stdout
+    assert "test split metrics" in proc.stdout and "rec/acc@0.5" in proc.stdout
     return work
 
 
@@ -64,6 +75,19 @@ def test_quickstart_outputs(quickstart_dir):
     stage1 = summary["stage1"]
     assert 0.0 <= stage1["test"]["proposer/AR@100"] <= 1.0
     assert len(stage1["region_sets"]) == 4 and all(Path(p).is_file() for p in stage1["region_sets"])
+
+
+def test_quickstart_chat_outputs(quickstart_dir):
+    metrics = json.loads((quickstart_dir / "metrics.json").read_text())
+    for key in ("rec/acc@0.5", "rec/ceiling", "proposer/AR@100", "caption/CIDEr", "gcap/f1"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["rec/ceiling"] >= metrics["rec/acc@0.5"]
+    summary = json.loads((quickstart_dir / "summary.json").read_text())
+    examples = summary["chat"]["examples"]
+    assert examples and all(Path(p).stat().st_size > 0 for p in examples)
+    model_dir = quickstart_dir / "model"
+    assert {p.name for p in model_dir.iterdir()} >= {"config.py", "model.safetensors", "tokenizer"}
+    assert summary["metrics"] == metrics
 
 
 def test_validate_data_cli(quickstart_dir):

@@ -12,6 +12,7 @@ In memory::
 
 On disk: ``generate_dataset(out_dir, num_train, num_val, num_test, seed, workers=2)``.
 """
+
 from .expressions import (
     RELATIONS,
     Description,

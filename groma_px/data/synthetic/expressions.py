@@ -14,6 +14,7 @@ edges) of two *different* objects A and B:
 with centre_x = (x0 + x1) / 2 and centre_y = (y0 + y1) / 2 (compared in doubled integer units,
 so there is no rounding).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -99,7 +100,7 @@ class Description:
 
 @dataclass(frozen=True)
 class ReferringExpression:
-    """"the <target>" or "the <target> <relation> the <anchor>"."""
+    """ "the <target>" or "the <target> <relation> the <anchor>"."""
 
     target: Description
     relation: str | None = None
@@ -124,9 +125,11 @@ class ReferringExpression:
         anchors = self.anchor.matches(scene)
         objs = scene.objects
         return [
-            i for i in candidates
-            if any(j != i and relation_holds(self.relation, objs[i].box, objs[j].box)
-                   for j in anchors)
+            i
+            for i in candidates
+            if any(
+                j != i and relation_holds(self.relation, objs[i].box, objs[j].box) for j in anchors
+            )
         ]
 
     def render(self) -> str:
@@ -156,8 +159,9 @@ def is_unambiguous(expression: ReferringExpression, scene: Scene) -> bool:
 def descriptions_of(obj: SceneObject) -> list[Description]:
     """All 8 descriptions that accept ``obj`` (each of shape, colour, size named or not)."""
     return [
-        Description(obj.shape if shape else None, obj.color if color else None,
-                    obj.size if size else None)
+        Description(
+            obj.shape if shape else None, obj.color if color else None, obj.size if size else None
+        )
         for shape, color, size in itertools.product((False, True), repeat=3)
     ]
 
@@ -166,8 +170,10 @@ def _relational_candidates(scene: Scene, target: int) -> list[ReferringExpressio
     """Relational expressions for ``target`` whose anchor is unique and not the target."""
     unique_anchors = [
         (j, d)
-        for j, obj in enumerate(scene.objects) if j != target
-        for d in descriptions_of(obj) if d.matches(scene) == [j]
+        for j, obj in enumerate(scene.objects)
+        if j != target
+        for d in descriptions_of(obj)
+        if d.matches(scene) == [j]
     ]
     target_obj = scene.objects[target]
     return [

@@ -6,6 +6,7 @@ anti-aliasing, by :func:`rasterize`, and the same boolean mask both paints the i
 the annotation, so a visible mask is exactly the pixels the object painted that no later object
 covered.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -97,9 +98,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return [(cx, cy - r), (cx + 0.65 * r, cy), (cx, cy + r), (cx - 0.65 * r, cy)]
     if shape == "cross":
         a, w = r * 0.95, r * 0.33
-        return [(cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w),
-                (cx + a, cy + w), (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a),
-                (cx - w, cy + w), (cx - a, cy + w), (cx - a, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - a),
+            (cx + w, cy - a),
+            (cx + w, cy - w),
+            (cx + a, cy - w),
+            (cx + a, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + a),
+            (cx - w, cy + a),
+            (cx - w, cy + w),
+            (cx - a, cy + w),
+            (cx - a, cy - w),
+            (cx - w, cy - w),
+        ]
     if shape == "triangle":
         angles, radii = np.deg2rad([-90.0, 30.0, 150.0]), np.full(3, r)
         cy = cy + 0.2 * r  # the centroid sits low in the disc; centre the triangle's height

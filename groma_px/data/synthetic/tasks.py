@@ -7,6 +7,7 @@ an image carries all its objects as ``regions``, in scene (z-) order; a turn's `
 the region each placeholder cites, in order. Random choices (templates, which objects) come from
 the image's random stream, so records are as reproducible as the pixels.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,7 +52,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
 
 
 def _ground(phrase: str, num_boxes: int = 1) -> str:
-    """"<p>phrase</p><roi><ground_box>...</roi>" citing ``num_boxes`` regions."""
+    """ "<p>phrase</p><roi><ground_box>...</roi>" citing ``num_boxes`` regions."""
     return f"<p>{phrase}</p><roi>{GROUND_BOX * num_boxes}</roi>"
 
 
@@ -112,8 +113,11 @@ def _group_descriptions(scene: Scene) -> dict[tuple[int, ...], Description]:
     groups: dict[tuple[int, ...], Description] = {}
     for obj in scene.objects:
         candidates = [
-            Description(shape=obj.shape), Description(color=obj.color), Description(size=obj.size),
-            Description(obj.shape, obj.color), Description(obj.shape, size=obj.size),
+            Description(shape=obj.shape),
+            Description(color=obj.color),
+            Description(size=obj.size),
+            Description(obj.shape, obj.color),
+            Description(obj.shape, size=obj.size),
             Description(color=obj.color, size=obj.size),
         ]
         for description in candidates:
@@ -153,7 +157,7 @@ def region_caption_conversations(scene: Scene, rng: np.random.Generator) -> list
 
 
 def _join(items: list[str]) -> str:
-    """"a", "a and b", "a, b and c"."""
+    """ "a", "a and b", "a, b and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -183,7 +187,8 @@ def counting_conversations(scene: Scene, rng: np.random.Generator) -> list[Conve
         present[("category", obj.shape)] = None
         present[("color", obj.color)] = None
     absent = [
-        q for q in [("category", s) for s in SHAPES] + [("color", c) for c in COLORS]
+        q
+        for q in [("category", s) for s in SHAPES] + [("color", c) for c in COLORS]
         if q not in present
     ]
     queries = [list(present)[int(rng.integers(len(present)))]]
@@ -239,15 +244,17 @@ def build_records(
     records = []
     for task in SYNTHETIC_TASKS:
         for k, (turns, meta) in enumerate(TASK_BUILDERS[task](scene, rng)):
-            records.append({
-                "id": f"{record_prefix}/{task}/{k}",
-                "image": image_path,
-                "height": scene.height,
-                "width": scene.width,
-                "task": task,
-                "source": SOURCE,
-                "regions": regions,
-                "conversations": turns,
-                "meta": meta,
-            })
+            records.append(
+                {
+                    "id": f"{record_prefix}/{task}/{k}",
+                    "image": image_path,
+                    "height": scene.height,
+                    "width": scene.width,
+                    "task": task,
+                    "source": SOURCE,
+                    "regions": regions,
+                    "conversations": turns,
+                    "meta": meta,
+                }
+            )
     return records

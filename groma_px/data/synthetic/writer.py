@@ -12,6 +12,7 @@ Image ``index`` of split ``s`` draws everything from
 ``SeedSequence(seed, spawn_key=(SPLITS.index(s), index))``, so no two images in any split share a
 random stream and the output is byte-identical for a seed whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,8 +104,12 @@ def _generate_image(job: _ImageJob) -> _ImageResult:
     counts = {task: sum(r["task"] == task for r in records) for task in SYNTHETIC_TASKS}
     return _ImageResult(
         jsonl="".join(_dumps(r) + "\n" for r in records),
-        coco_image={"id": job.index + 1, "file_name": image_path,
-                    "height": scene.height, "width": scene.width},
+        coco_image={
+            "id": job.index + 1,
+            "file_name": image_path,
+            "height": scene.height,
+            "width": scene.width,
+        },
         coco_objects=coco_objects,
         task_counts=counts,
     )
@@ -121,18 +126,31 @@ def _coco_json(
         for obj in image_objects:
             category = 1 if agnostic else SHAPES.index(obj["shape"]) + 1
             extra = {"category": obj["shape"]} if agnostic else {}
-            annotations.append({
-                **{k: v for k, v in obj.items() if k != "shape"}, **extra,
-                "id": len(annotations) + 1, "image_id": image["id"], "category_id": category,
-            })
-    info = {"description": f"groma-px synthetic scenes, split {split}",
-            "version": GENERATOR_VERSION, "seed": seed}
-    return {"info": info, "licenses": [], "images": images,
-            "annotations": annotations, "categories": categories}
+            annotations.append(
+                {
+                    **{k: v for k, v in obj.items() if k != "shape"},
+                    **extra,
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": category,
+                }
+            )
+    info = {
+        "description": f"groma-px synthetic scenes, split {split}",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+    }
+    return {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def _start_method() -> str:
-    """"fork" where the platform has it, as torch's DataLoader does; else "spawn".
+    """ "fork" where the platform has it, as torch's DataLoader does; else "spawn".
 
     Spawned workers re-import ``groma_px``, which imports torch (~1.4 s of CPU each, measured on
     this project's 2-core machine): a quarter of the time 1,000 images take. The workers run only
@@ -168,8 +186,11 @@ def _write_splits(
             coco = _coco_json(split, seed, images, objects, agnostic=agnostic)
             path = out_dir / "annotations" / f"instances_{split}{suffix}.json"
             path.write_text(_dumps(coco), encoding="utf-8")
-        summary[split] = {"images": len(images), "objects": sum(map(len, objects)),
-                          "records": tasks}
+        summary[split] = {
+            "images": len(images),
+            "objects": sum(map(len, objects)),
+            "records": tasks,
+        }
     return summary
 
 
@@ -219,12 +240,21 @@ def generate_dataset(
         "version": GENERATOR_VERSION,
         "seed": seed,
         "splits": splits,
-        "vocab": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
-                  "backgrounds": list(BACKGROUNDS), "tasks": list(SYNTHETIC_TASKS)},
+        "vocab": {
+            "shapes": list(SHAPES),
+            "colors": list(COLORS),
+            "sizes": list(SIZES),
+            "backgrounds": list(BACKGROUNDS),
+            "tasks": list(SYNTHETIC_TASKS),
+        },
         "image_size_range": list(IMAGE_SIZE_RANGE),
         "num_objects_range": list(NUM_OBJECTS_RANGE),
     }
     (out / "meta.json").write_text(json.dumps(meta, sort_keys=True, indent=2) + "\n", "utf-8")
     seconds = time.perf_counter() - start
-    return {"splits": splits, "seconds": seconds, "workers": workers,
-            "images_per_second": total / seconds if seconds > 0 else float("inf")}
+    return {
+        "splits": splits,
+        "seconds": seconds,
+        "workers": workers,
+        "images_per_second": total / seconds if seconds > 0 else float("inf"),
+    }

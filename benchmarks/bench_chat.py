@@ -1,0 +1,215 @@
+"""Grounded-chat inference costs of ``GromaPX``. Prints tables, writes JSON.
+
+    python benchmarks/bench_chat.py --model work_dirs/quickstart/model   # the quickstart's export
+    python benchmarks/bench_chat.py --config CFG --tokenizer DIR         # random weights
+
+Measures, on prompts built from synthetic test images:
+1. Decode speed: tokens/s of ``GromaPX`` generation (``greedy_generate`` over the spliced prompt,
+   KV cache, grounding-token head) vs the bare Hugging Face LLM's ``generate`` on token ids of
+   the same total prompt length and batch. Decode time is ``t(N new tokens) - t(1 new token)``, so
+   the prefill is excluded; runs alternate (ours, bare, ours, ...) and the medians are compared.
+2. Prefill breakdown: time in backbone + proposer, selector, region encoder, image tokens and
+   the LLM prefill forward; the share of proposer + selector + region encoder.
+3. LLM positions per image for the ``pair`` and ``fused`` layouts at K = 100 region tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from mmengine.dataset import Compose, pseudo_collate  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+
+from groma_px.data.grounded_dataset import GroundedConversationDataset  # noqa: E402
+from groma_px.llm.generation import greedy_generate  # noqa: E402
+from groma_px.llm.sequence import LAYOUTS, positions_per_image  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_chat.json"
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
+    """The exported model (``--model``) or a randomly initialised one from ``--config``."""
+    if args.model:
+        from groma_px.inference.export import load_exported
+
+        return load_exported(args.model)
+    from groma_px.engine.stages import chat_config
+    from groma_px.registry import MODELS
+
+    cfg = chat_config(
+        args.config,
+        data_root=args.data_root,
+        tokenizer_dir=args.tokenizer,
+        work_dir="work_dirs/bench_chat",
+        load_from=None,
+    )
+    with DefaultScope.overwrite_default_scope("groma_px"):
+        model = MODELS.build(cfg.model)
+    return model.eval(), cfg.test_dataloader.dataset.pipeline
+
+
+def batch_of(pipeline: list[dict], data_root: str, size: int, task: str) -> dict:
+    dataset = GroundedConversationDataset(
+        "test.jsonl", data_root, check_images="exists", tasks=[task]
+    )
+    with DefaultScope.overwrite_default_scope("groma_px"):
+        transform = Compose(pipeline)
+    return pseudo_collate([transform(dataset.get_data_info(i)) for i in range(size)])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, batch: dict) -> tuple[dict, dict[str, float]]:
+    """The spliced prompt and the time of each prefill part (seconds)."""
+    data = model.data_preprocessor(batch, False)
+    inputs, samples, sizes = data["inputs"], data["data_samples"], data["valid_sizes"]
+    parts: dict[str, float] = {}
+    start = time.perf_counter()
+    pyramids, proposals = model._propose(inputs, samples, sizes)
+    parts["backbone+proposer"] = time.perf_counter() - start
+    start = time.perf_counter()
+    perception = model.perceive_from(pyramids, proposals, samples, sizes)
+    parts["selector"] = time.perf_counter() - start
+    parts["region_encoder"] = timed(lambda: model._region_features(perception))
+    image = model.consumers["image"]
+    parts["image_tokens"] = timed(lambda: model.image_tokenizer(perception.pyramids[image]))
+    prompt = model._embed(perception, samples, padding_side="left")
+    parts["llm_prefill"] = timed(
+        lambda: model.llm(prompt["inputs_embeds"], attention_mask=prompt["attention_mask"])
+    )
+    return prompt, parts
+
+
+@torch.no_grad()
+def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s of GromaPX generation and of the bare LLM, measured alternately."""
+    embeds, mask = prompt["inputs_embeds"], prompt["attention_mask"]
+    batch, length = mask.shape
+    base = model.llm.hf_model
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.llm.first_new_id, (batch, length), generator=gen)
+    pad = model.tokenizer.pad_token_id or 0
+
+    def ours(n: int) -> float:
+        return timed(
+            lambda: greedy_generate(
+                model.llm,
+                embeds,
+                mask,
+                max_new_tokens=n,
+                eos_token_id=-1,
+                pad_token_id=pad,
+                output_hidden_states=False,
+            )
+        )
+
+    def bare(n: int) -> float:
+        return timed(
+            lambda: base.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=None,
+            )
+        )
+
+    ours(2), bare(2)  # warm-up
+    times: dict[str, list[float]] = {"ours": [], "bare": []}
+    for _ in range(repeats):
+        for name, fn in (("ours", ours), ("bare", bare)):
+            times[name].append(fn(new_tokens) - fn(1))
+    rates = {k: batch * (new_tokens - 1) / statistics.median(v) for k, v in times.items()}
+    return {
+        "batch": batch,
+        "prompt_length": length,
+        "new_tokens": new_tokens,
+        "ours_tokens_per_s": rates["ours"],
+        "bare_tokens_per_s": rates["bare"],
+        "ratio_ours_over_bare": rates["ours"] / rates["bare"],
+        "repeats": repeats,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", help="exported model directory (tools/quickstart.py writes one)")
+    parser.add_argument(
+        "--config",
+        default="configs/groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage3_synthetic.py",
+    )
+    parser.add_argument("--tokenizer", default="work_dirs/quickstart/tokenizer")
+    parser.add_argument("--data-root", default="work_dirs/quickstart/data")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, pipeline = load_model(args)
+    batch = batch_of(pipeline, args.data_root, args.batch, "rec")
+    prefill(model, batch)  # warm-up
+    runs = [prefill(model, batch)[1] for _ in range(args.repeats)]
+    parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    prompt, _ = prefill(model, batch)
+    total = sum(parts.values())
+    perception = parts["backbone+proposer"] + parts["selector"] + parts["region_encoder"]
+    decode = decode_rates(model, prompt, args.new_tokens, args.repeats)
+    positions = {
+        layout: positions_per_image(model.num_image_tokens, 100, layout) for layout in LAYOUTS
+    }
+    result = {
+        "what": "GromaPX grounded-chat inference: decode speed vs the bare LLM, prefill "
+        "breakdown, LLM positions per image",
+        "model": args.model or f"{args.config} (random weights)",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "decode": decode,
+        "prefill_seconds": parts,
+        "prefill_share_proposer_selector_region_encoder": perception / total,
+        "llm_positions_per_image_at_K100": positions,
+        "num_image_tokens": model.num_image_tokens,
+    }
+    print(
+        f"\ndecode ({decode['batch']} x {decode['prompt_length']}-token prompts, "
+        f"{decode['new_tokens']} new tokens, median of {decode['repeats']})"
+    )
+    print(f"  {'GromaPX generation':<22} {decode['ours_tokens_per_s']:>9.1f} tokens/s")
+    print(f"  {'bare LLM generate':<22} {decode['bare_tokens_per_s']:>9.1f} tokens/s")
+    print(f"  {'ratio ours / bare':<22} {decode['ratio_ours_over_bare']:>9.3f}")
+    print("\nprefill (median seconds)")
+    for key, value in parts.items():
+        print(f"  {key:<22} {value:>9.4f}  {value / total:>6.1%}")
+    print(f"  proposer + selector + region encoder share: {perception / total:.1%}")
+    print("\nLLM positions per image at K = 100")
+    for layout, n in positions.items():
+        print(f"  {layout:<8} {n}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,373 @@
+"""GromaPX composition (groma_px/models/), the image tokenizer and the perception cache, on the tiny
+config (configs/tiny/groma-px_tiny.py) and the tiny synthetic dataset of conftest.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.runner import Runner
+from mmengine.structures import BaseDataElement
+
+from groma_px.engine.stages import export_runner_model
+from groma_px.inference import GroundedChat
+from groma_px.models.inputs import sample_references, splice_features
+from groma_px.structures import GroundedResponse, RegionSource
+from groma_px.vision.image_tokenizer import ImageTokenizer
+from region_proposer.structures import FeaturePyramid
+
+# Train records 0 and 10 share image 0 (a REC target and a region caption with a user region);
+# record 15 is image 1. Test records 0 (REC) and 1 (region caption) share test image 0.
+TRAIN_BATCH = (0, 10, 15)
+TEST_BATCH = (0, 1)
+FROZEN_PERCEPTION = ("backbone", "proposer")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ------------------------------------------------------------------------------ splice_features
+def _splice_inputs(region_add: bool) -> dict:
+    """B=2, L=8, D=3, G=2 image tokens; sample 0 cites its rows 1, 0; sample 1 its row 0."""
+    gen = torch.Generator().manual_seed(0)
+    image_slots = torch.zeros(2, 8, dtype=torch.bool)
+    image_slots[0, 1:3] = True
+    image_slots[1, 4:6] = True
+    region_slots = torch.full((2, 8), -1)
+    region_slots[0, 4], region_slots[0, 6], region_slots[1, 1] = 1, 0, 0
+    return dict(
+        embeds=torch.randn(2, 8, 3, generator=gen),
+        image_slots=image_slots,
+        image_feats=torch.randn(2, 2, 3, generator=gen),
+        region_slots=region_slots,
+        region_add=torch.full((2, 8), region_add),
+        region_feats=torch.randn(3, 3, generator=gen),  # rows 0-1: sample 0, row 2: sample 1
+        region_offsets=torch.tensor([0, 2]),
+    )
+
+
+@pytest.mark.parametrize("region_add", [False, True], ids=["pair", "fused"])
+def test_splice_features_places_image_and_region_features(region_add):
+    args = _splice_inputs(region_add)
+    embeds, image, regions = args["embeds"], args["image_feats"], args["region_feats"]
+    out = splice_features(**args)
+    expected = embeds.clone()
+    expected[0, 1:3] = image[0]  # image slots in order
+    expected[1, 4:6] = image[1]
+    for (b, pos), row in {(0, 4): 1, (0, 6): 0, (1, 1): 2}.items():
+        expected[b, pos] = regions[row] + (embeds[b, pos] if region_add else 0)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(args["embeds"], embeds)  # no in-place writes
+
+
+def test_splice_features_without_regions():
+    args = _splice_inputs(False)
+    empty = torch.zeros(0, 3, requires_grad=True)
+    args.update(region_slots=torch.full((2, 8), -1), region_feats=empty)
+    out = splice_features(**args)
+    untouched = ~args["image_slots"]
+    assert torch.equal(out[untouched], args["embeds"][untouched])
+    assert torch.equal(out[0, 1:3], args["image_feats"][0])
+    # The empty region tokens stay in the graph (their encoder gets a gradient, as DDP needs).
+    out.sum().backward()
+    assert empty.grad is not None
+    # A sequence that cites a region feature when the batch has none is an error.
+    args["region_slots"][1, 1] = 0
+    with pytest.raises(ValueError, match="no regions"):
+        splice_features(**args)
+
+
+def test_splice_features_rejects_wrong_image_slot_count():
+    args = _splice_inputs(False)
+    args["image_slots"][1, 6] = True  # 3 slots for G=2 tokens
+    with pytest.raises(ValueError, match="3 image slots; expected 0 or 2"):
+        splice_features(**args)
+    args["image_slots"][1] = False  # a text-only sequence is fine
+    assert splice_features(**args).shape == (2, 8, 3)
+
+
+# ------------------------------------------------------------------------------ sample_references
+def _sample(refs, is_user, sample_id="toy/0"):
+    sample = BaseDataElement(metainfo={"sample_id": sample_id})
+    sample.gt_boxes = torch.tensor(
+        [[0.0, 0.0, 20.0, 10.0], [10.0, 5.0, 40.0, 20.0], [30.0, 10.0, 50.0, 30.0]]
+    )
+    sample.ref_regions = torch.tensor(refs, dtype=torch.long)
+    sample.ref_is_user = torch.tensor(is_user, dtype=torch.bool)
+    return sample
+
+
+def test_sample_references_splits_user_and_gt():
+    # Region 1 is cited by the human and again by the answer: it stays a user region.
+    refs = sample_references(
+        _sample([1, 2, 1, 0], [True, False, False, False]), torch.tensor([40, 50])
+    )
+    scale = torch.tensor([50.0, 40.0, 50.0, 40.0])
+    torch.testing.assert_close(refs.user_boxes, torch.tensor([[10.0, 5.0, 40.0, 20.0]]) / scale)
+    torch.testing.assert_close(
+        refs.gt_boxes, torch.tensor([[30.0, 10.0, 50.0, 30.0], [0.0, 0.0, 20.0, 10.0]]) / scale
+    )
+    assert refs.record_ids.tolist() == [1, 2, 0]
+    assert refs.placeholder_ids.tolist() == [1, 2, 1, 0]
+    # The selector maps (user, then GT) reference boxes to kept rows 5, 6, 7.
+    assert refs.placeholder_rows(torch.tensor([5, 6, 7])).tolist() == [5, 6, 5, 7]
+
+
+def test_sample_references_without_citations():
+    refs = sample_references(_sample([], []), torch.tensor([40, 50]))
+    assert refs.user_boxes.shape == refs.gt_boxes.shape == (0, 4)
+    assert refs.placeholder_rows(torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
+def test_sample_references_out_of_range_names_sample():
+    with pytest.raises(ValueError, match=r"sample 'toy/7' cites regions \[3\] but has 3 regions"):
+        sample_references(_sample([0, 3], [True, False], "toy/7"), torch.tensor([40, 50]))
+
+
+# ------------------------------------------------------------------------------ ImageTokenizer
+@pytest.mark.parametrize("mode", ["pool", "merge"])
+def test_image_tokenizer_shape(mode):
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer(in_channels=6, out_dim=10, grid=3, mode=mode)
+    maps = [torch.randn(2, 6, 8, 10), torch.randn(2, 6, 4, 5)]
+    tokens = tokenizer(FeaturePyramid.from_maps(maps, image_size=(64, 80)))
+    assert tokens.shape == (2, 9, 10) and tokenizer.num_tokens == 9
+
+
+@pytest.mark.parametrize("mode", ["pool", "merge"])
+def test_image_tokenizer_ignores_padding(mode):
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer(in_channels=4, out_dim=8, grid=2, mode=mode)
+    image = torch.randn(4, 5, 3)  # valid cells of a 40 x 24 image at stride 8
+    small = torch.zeros(1, 4, 6, 6)
+    small[0, :, :5, :3] = image
+    large = torch.randn(2, 4, 10, 8) * 100  # padded larger, garbage in the padding
+    large[0, :, :5, :3] = image
+    sizes = torch.tensor([[40, 24]])
+    tokens_small = tokenizer(FeaturePyramid.from_maps([small], (48, 48), sizes))
+    tokens_large = tokenizer(
+        FeaturePyramid.from_maps([large], (80, 64), torch.tensor([[40, 24], [80, 64]]))
+    )
+    torch.testing.assert_close(tokens_large[0], tokens_small[0])
+    # Without valid sizes the padding is read, and the tokens change.
+    unmasked = tokenizer(FeaturePyramid.from_maps([large], (80, 64)))
+    assert not torch.allclose(unmasked[0], tokens_small[0])
+
+
+def test_image_tokenizer_rejects_bad_args():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ImageTokenizer(in_channels=4, out_dim=8, mode="mean")
+    with pytest.raises(ValueError, match="grid, in_channels, out_dim >= 1"):
+        ImageTokenizer(in_channels=4, out_dim=8, grid=0)
+    tokenizer = ImageTokenizer(in_channels=4, out_dim=8, level=2)
+    with pytest.raises(IndexError, match="level 2 outside a 1-level pyramid"):
+        tokenizer(FeaturePyramid.from_maps([torch.zeros(1, 4, 2, 2)], (32, 32)))
+
+
+# ------------------------------------------------------------------------------ GromaPX
+def _loss(model, batch):
+    return model(**model.data_preprocessor(batch, True), mode="loss")
+
+
+@torch.no_grad()
+def _tensor(model, batch, *, training):
+    return model(**model.data_preprocessor(batch, training), mode="tensor")
+
+
+def _grad_report(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    frozen_with_grad = sorted(
+        n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None
+    )
+    return trainable, missing, frozen_with_grad
+
+
+def test_loss_backward_reaches_every_trainable_parameter(build_model, make_batch):
+    model = build_model()
+    losses = _loss(model, make_batch(TRAIN_BATCH))
+    assert set(losses) == {"loss", "region_acc"}
+    assert torch.isfinite(losses["loss"]) and 0.0 <= float(losses["region_acc"]) <= 1.0
+    losses["loss"].backward()
+    trainable, missing, frozen_with_grad = _grad_report(model)
+    assert not missing and not frozen_with_grad
+    assert {n.split(".")[0] for n in trainable} == {"llm", "region_encoder", "image_tokenizer"}
+    for name in FROZEN_PERCEPTION:
+        module = model.get_submodule(name)
+        assert not module.training  # frozen modules stay in eval mode under model.train()
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_batch_without_regions_trains_and_predicts(build_model, make_batch):
+    # No proposal reaches the threshold and no GT joins: a counting sample keeps no region.
+    model = build_model(selector=dict(score_thr=0.999, use_gt=False))
+    batch = make_batch([13])
+    assert batch["data_samples"][0].metainfo["task"] == "counting"
+    assert batch["data_samples"][0].ref_regions.numel() == 0
+    _loss(model, batch)["loss"].backward()
+    _, missing, _ = _grad_report(model)
+    assert not missing  # the region encoder gets zero gradients (DDP needs every parameter)
+    assert all((p.grad == 0).all() for p in model.region_encoder.parameters())
+    model.eval()
+    with torch.no_grad():
+        (sample,) = model(**model.data_preprocessor(make_batch([0], "test"), False), mode="predict")
+    assert sample.kept_boxes.shape == (0, 4) and sample.pred_response.regions == ()
+
+
+def test_frozen_llm_trains_only_new_rows_region_encoder_and_image_tokens(build_model, make_batch):
+    model = build_model(frozen=(*FROZEN_PERCEPTION, "llm.model"))
+    _loss(model, make_batch(TRAIN_BATCH))["loss"].backward()
+    trainable, missing, frozen_with_grad = _grad_report(model)
+    assert not missing and not frozen_with_grad
+    groups = {
+        n.split(".")[0] if not n.startswith("llm.") else n.rsplit(".", 1)[0] for n in trainable
+    }
+    assert groups == {"llm.new_embed", "llm.new_head", "region_encoder", "image_tokenizer"}
+    assert not model.llm.model.training
+
+
+def test_predict_returns_grounded_responses_in_original_pixels(build_model, make_batch):
+    model = build_model().eval()
+    batch = make_batch(TEST_BATCH, split="test")
+    samples = model(**model.data_preprocessor(batch, False), mode="predict")
+    assert len(samples) == len(TEST_BATCH)
+    for sample in samples:
+        assert isinstance(sample.pred_response, GroundedResponse)
+        assert sample.pred_text == sample.pred_response.text
+        h, w = sample.metainfo["ori_shape"]
+        kept = sample.kept_boxes
+        assert 0 < len(kept) <= model.selector.top_k and kept.shape[1] == 4
+        assert (kept >= 0).all() and (kept[:, [0, 2]] <= w).all() and (kept[:, [1, 3]] <= h).all()
+        assert (kept[:, 2:] >= kept[:, :2]).all()
+    # Test image 0 (179 x 149 pixels) holds one object at [37, 44, 106, 114].
+    for sample in samples:
+        torch.testing.assert_close(
+            sample.gt_boxes_original, torch.tensor([[37.0, 44.0, 106.0, 114.0]]), atol=1e-3, rtol=0
+        )
+    # The region caption's user region is kept first (row <r0>), in original pixels; the other
+    # rows are proposals (no GT candidates outside training).
+    with torch.no_grad():
+        out = model(**model.data_preprocessor(make_batch([1], "test"), False), mode="tensor")
+    source = out["region_tokens"].source[0][out["region_tokens"].valid[0]].tolist()
+    assert source[0] == RegionSource.USER and set(source[1:]) == {RegionSource.PROPOSER}
+    torch.testing.assert_close(
+        samples[1].kept_boxes[0], samples[1].gt_boxes_original[0], atol=1e-3, rtol=0
+    )
+
+
+def test_predict_does_not_depend_on_batch_mates(build_model, make_batch):
+    # With a fixed padded size, a sample's answer is the same alone and left-padded in a batch
+    # of longer and shorter prompts.
+    model = build_model(data_preprocessor=dict(pad_to_size=(64, 64)), max_new_tokens=6).eval()
+    indices = (0, 5, 9)  # test records of images 0, 1, 1 with prompts of 15, 17 and 14 ids
+
+    def predict(idx):
+        return model(
+            **model.data_preprocessor(make_batch(idx, split="test"), False), mode="predict"
+        )
+
+    together = predict(indices)
+    assert len({len(s.input_ids) for s in together}) == 3
+    for sample, index in zip(together, indices, strict=True):
+        (alone,) = predict([index])
+        assert sample.pred_response.raw_text == alone.pred_response.raw_text
+        torch.testing.assert_close(sample.kept_boxes, alone.kept_boxes, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["pair", "fused"])
+def test_layouts_run(build_model, make_batch, layout):
+    model = build_model(layout=layout)
+    assert torch.isfinite(_loss(model, make_batch(TRAIN_BATCH))["loss"])
+    model.eval()
+    with torch.no_grad():
+        out = model(**model.data_preprocessor(make_batch([15]), False), mode="tensor")
+    num_regions = int(out["region_tokens"].valid.sum())
+    assert num_regions > 0 and out["region_tokens"].tokens.shape[-1] == model.llm.hidden_size
+    assert out["logits"].shape[-1] == len(model.tokenizer)
+    # Sample 15's sequence: its ids, G - 1 more image slots, and the region block
+    # (2 positions per region in the pair layout, 1 in the fused one).
+    per_region = 2 if layout == "pair" else 1
+    ids = make_batch([15])["data_samples"][0].input_ids
+    expected = len(ids) - 1 + model.num_image_tokens + per_region * num_regions
+    assert out["logits"].shape[:2] == (1, expected)
+
+
+def test_build_checks_top_k_and_consumers(build_model):
+    with pytest.raises(ValueError, match="top_k=17 exceeds the tokenizer's 16 region tokens"):
+        build_model(selector=dict(top_k=17))
+    with pytest.raises(KeyError, match=r"unknown consumers roles \['mask'\]"):
+        build_model(consumers=dict(mask="proposer"))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        build_model(layout="interleaved")
+
+
+# ------------------------------------------------------------------------------ PerceptionCache
+def test_perception_cache_hits_and_matches_uncached(build_model, make_batch):
+    fixed = dict(pad_to_size=(64, 64))
+    model = build_model(cache_perception=True, data_preprocessor=fixed)
+    cache = model._cache
+    first = _loss(model, make_batch(TRAIN_BATCH))["loss"]
+    assert (cache.misses, cache.hits, len(cache)) == (3, 0, 2)  # records 0 and 10: one image
+    second = _loss(model, make_batch(TRAIN_BATCH))["loss"]
+    assert (cache.misses, cache.hits) == (3, 3)
+    assert torch.equal(first, second)
+    uncached = build_model(seed=1, data_preprocessor=fixed)
+    uncached.load_state_dict(model.state_dict())
+    assert uncached._cache is None
+    torch.testing.assert_close(
+        _loss(uncached, make_batch(TRAIN_BATCH))["loss"], first, rtol=0, atol=1e-4
+    )
+    # The loss of a random LLM barely depends on its inputs; region tokens and logits do. The
+    # cache keeps float16 features, so they match to that precision (a crop one cell short
+    # moves them by ~0.5).
+    cached, plain = (_tensor(m, make_batch(TRAIN_BATCH), training=True) for m in (model, uncached))
+    assert (cache.misses, cache.hits) == (3, 6)
+    for got, want in (
+        (cached["region_tokens"].tokens, plain["region_tokens"].tokens),
+        (cached["logits"], plain["logits"]),
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    # Evaluation bypasses the cache.
+    _tensor(model.eval(), make_batch(TRAIN_BATCH), training=False)
+    assert (cache.misses, cache.hits) == (3, 6)
+
+
+def test_perception_cache_rejects_another_padded_size(build_model, make_batch):
+    model = build_model(cache_perception=True, data_preprocessor=dict(pad_to_size=(64, 64)))
+    _loss(model, make_batch(TRAIN_BATCH))
+    model.data_preprocessor.pad_to_size = (80, 80)
+    with pytest.raises(
+        ValueError, match=r"padded sizes \[\(64, 64\)\] but this batch is \(80, 80\)"
+    ):
+        _loss(model, make_batch(TRAIN_BATCH))
+
+
+def test_perception_cache_needs_frozen_perception(build_model):
+    with pytest.raises(ValueError, match="cache_perception=True needs 'backbone' and 'proposer'"):
+        build_model(cache_perception=True, frozen=("backbone",))
+
+
+# ------------------------------------------------------------------------------ Runner
+@pytest.mark.slow
+def test_runner_trains_and_tests(tiny_cfg, tiny_data):
+    cfg = tiny_cfg
+    cfg.test_dataloader.dataset.indices = 6  # test image 0 (REC, caption, ...) and 1 REC record
+    records = (tiny_data["data_root"] / "test.jsonl").read_text().splitlines()[:6]
+    num_rec = sum(json.loads(line)["task"] == "rec" for line in records)
+    runner = Runner.from_cfg(cfg)
+    head = runner.model.llm.new_head.weight.detach().clone()
+    runner.train()
+    assert runner.iter == 2 and (Path(cfg.work_dir) / "iter_2.pth").is_file()
+    assert torch.isfinite(torch.tensor(runner.message_hub.get_scalar("train/loss").current()))
+    assert not torch.equal(runner.model.llm.new_head.weight, head)  # the optimiser stepped
+    metrics = runner.test()
+    assert num_rec > 0 and metrics["rec/count"] == num_rec
+    assert 0.0 <= metrics["rec/acc@0.5"] <= metrics["rec/ceiling"] + 1e-9 <= 1.0 + 1e-9
+    # The trained model exports with the test pipeline and loads back for chat.
+    chat = GroundedChat.from_pretrained(
+        export_runner_model(runner, cfg, Path(cfg.work_dir) / "model")
+    )
+    trained = runner.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in chat.model.state_dict().items())
+    assert chat.pipeline.transforms[-1].mode == "predict"
