@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,6 +36,7 @@ def greedy_generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     output_hidden_states: bool = True,
+    logits_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> GenerationOutput:
     """Greedy (argmax) decoding of a left-padded batch, reusing the KV cache between steps.
 
@@ -53,6 +54,9 @@ def greedy_generate(
         eos_token_id: Id or ids that end a sequence.
         pad_token_id: Id written after a sequence's eos (never fed to the model).
         output_hidden_states: Also return the hidden states. Defaults to True.
+        logits_fn: Optional ``(logits (B, V), hidden (B, D), prefill_hidden (B, L, D)) ->
+            logits`` applied before each argmax, e.g. ``GromaPX``'s region pointer, which scores
+            regions against the prompt's hidden states. Defaults to None.
 
     Returns:
         ``GenerationOutput``.
@@ -68,11 +72,15 @@ def greedy_generate(
     # Left padding: real tokens get positions 0..n-1; padding gets 0 (masked out anyway).
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = lm(inputs_embeds, attention_mask, position_ids, use_cache=True, logits_to_keep=1)
+    prefill_hidden = out.hidden_states
     next_position = position_ids[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, hiddens = [], []
     for step in range(max_new_tokens):
-        predicted = out.logits[:, -1].argmax(dim=-1)
+        logits = out.logits[:, -1]
+        if logits_fn is not None:
+            logits = logits_fn(logits, out.hidden_states[:, -1], prefill_hidden)
+        predicted = logits.argmax(dim=-1)
         tokens.append(torch.where(done, pad_token_id, predicted))
         if output_hidden_states:
             hiddens.append(out.hidden_states[:, -1].masked_fill(done[:, None], 0.0))

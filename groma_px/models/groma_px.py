@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.structures import BaseDataElement, InstanceData
-from torch import Tensor
+from torch import Tensor, nn
 
 from region_proposer.box_ops import denormalize_boxes, normalize_boxes
 from region_proposer.pretrain import with_in_channels
@@ -19,6 +19,7 @@ from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
+from ..llm.pointer import MASKED_LOGIT, RegionPointerHead, slot_positions
 from ..llm.sequence import IGNORE_INDEX, build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
@@ -28,6 +29,7 @@ from .inputs import SampleReferences, sample_references, splice_features
 from .perception_cache import PerceptionCache
 
 LAYOUTS = ("pair", "fused")
+REGION_HEADS = ("linear", "pointer")
 CONSUMER_ROLES = ("proposer", "region", "image")
 
 
@@ -67,6 +69,16 @@ class GromaPX(BaseModel):
         cache_perception: Keep each training image's pyramid and proposals after the first
             computation (``PerceptionCache``); needs the backbone and proposer frozen and a
             fixed padded size (``data_preprocessor.pad_to_size``). Defaults to False.
+        match_embedding_scale: RMS-normalise image and region tokens and scale them to the RMS
+            of the LLM's token embeddings (times a learnable gain starting at 1), so that
+            features do not drown the token embeddings they sit next to or are added to (the
+            fused layout adds a region feature to its ``<ri>`` embedding). Defaults to True.
+        region_loss_weight: Weight of ``<ri>`` targets in the token-averaged cross-entropy
+            (1.0: plain CE). An answer has one region token among a dozen text tokens, so a
+            larger weight speeds up learning to point. Defaults to 1.0.
+        region_head: How ``<ri>`` logits are computed: ``"linear"`` (the adapter's extra LM
+            head, Groma) or ``"pointer"`` (``RegionPointerHead``: the next-token state matched
+            against the hidden state at region i's prompt slot). Defaults to "linear".
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -86,6 +98,9 @@ class GromaPX(BaseModel):
         frozen: Sequence[str] = ("backbone", "proposer"),
         max_new_tokens: int = 64,
         cache_perception: bool = False,
+        match_embedding_scale: bool = True,
+        region_loss_weight: float = 1.0,
+        region_head: str = "linear",
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -114,6 +129,22 @@ class GromaPX(BaseModel):
         self.frozen = tuple(frozen)
         self._freeze()
         self._cache = self._build_cache() if cache_perception else None
+        self.match_embedding_scale = match_embedding_scale
+        if region_loss_weight <= 0:
+            raise ValueError(f"region_loss_weight must be > 0, got {region_loss_weight}")
+        self.region_loss_weight = float(region_loss_weight)
+        if region_head not in REGION_HEADS:
+            raise ValueError(f"region_head must be one of {REGION_HEADS}, got {region_head!r}")
+        self.region_head = region_head
+        if region_head == "pointer":
+            self.region_pointer = RegionPointerHead(self.llm.hidden_size)
+        self.register_buffer(
+            "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
+        )
+        if match_embedding_scale:
+            rms = self.llm.hf_model.get_input_embeddings().weight.detach().float().pow(2).mean()
+            self.register_buffer("embedding_rms", rms.sqrt().reshape(()))
+            self.feature_gain = nn.Parameter(torch.ones(2))  # image tokens, region tokens
 
     # ----------------------------------------------------------------------------- building
     def _check_consumers(self, consumers: dict[str, str] | None) -> dict[str, str]:
@@ -273,6 +304,9 @@ class GromaPX(BaseModel):
         batch = {k: v.to(device) for k, v in batch.items()}
         region_feats, offsets = self._region_features(perception)
         image_feats = self.image_tokenizer(perception.pyramids[self.consumers["image"]])
+        if self.match_embedding_scale:
+            image_feats = self._to_embedding_scale(image_feats, 0)
+            region_feats = self._to_embedding_scale(region_feats, 1)
         batch["inputs_embeds"] = splice_features(
             self.llm.embed_tokens(batch["input_ids"]),
             image_slots=batch["image_slots"],
@@ -283,7 +317,13 @@ class GromaPX(BaseModel):
             region_offsets=offsets,
         )
         batch["region_feats"] = region_feats
+        batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
         return batch
+
+    def _to_embedding_scale(self, feats: Tensor, which: int) -> Tensor:
+        """RMS-normalise each feature vector and scale it to the token-embedding RMS."""
+        normed = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return normed * (self.embedding_rms * self.feature_gain[which])
 
     @property
     def _pad_id(self) -> int:
@@ -297,12 +337,50 @@ class GromaPX(BaseModel):
         perception = self.perceive(inputs, data_samples, valid_sizes)
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1].float()
+        logits = self._with_region_logits(out.logits, out.hidden_states, batch)
+        logits = logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         )
+        weights = (labels.reshape(-1) != IGNORE_INDEX).float()
+        if self.region_loss_weight != 1.0:
+            region_ids = torch.tensor(self.token_ids.regions, device=labels.device)
+            is_region = torch.isin(labels.reshape(-1), region_ids)
+            weights = torch.where(is_region, weights * self.region_loss_weight, weights)
+        loss = (per_token * weights).sum() / weights.sum().clamp(min=1.0)
         return {"loss": loss, "region_acc": self._region_accuracy(logits, labels)}
+
+    def _with_region_logits(
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        batch: dict[str, Tensor],
+        prefill: Tensor | None = None,
+    ) -> Tensor:
+        """``logits`` with the ``<ri>`` columns from the pointer head (``region_head="pointer"``).
+
+        Args:
+            logits: (B, L', V) logits of the positions in ``hidden``.
+            hidden: (B, L', D) hidden states predicting the next token.
+            batch: The collated prompt (``region_slots``, ``num_regions``).
+            prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
+                decoding steps; defaults to ``hidden``.
+        """
+        if self.region_head != "pointer":
+            return logits
+        source = hidden if prefill is None else prefill
+        positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
+        keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
+        scores = self.region_pointer(hidden, keys, valid).to(logits.dtype)  # (B, L', K_max)
+        cols = self._region_cols
+        out = logits.clone()
+        out[..., cols] = MASKED_LOGIT
+        out[..., cols[: scores.shape[-1]]] = scores
+        return out
 
     def _region_accuracy(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Share of supervised ``<ri>`` targets predicted exactly (teacher forcing); a
@@ -329,6 +407,7 @@ class GromaPX(BaseModel):
             max_new_tokens=self.max_new_tokens,
             eos_token_id=eos,
             pad_token_id=self._pad_id,
+            logits_fn=self._decode_logits_fn(batch),
         )
         for b, sample in enumerate(data_samples):
             regions, kept = self._kept_regions(perception.selections[b], sample, valid_sizes[b])
@@ -338,6 +417,17 @@ class GromaPX(BaseModel):
             sample.kept_boxes = kept
             sample.gt_boxes_original = to_original_boxes(sample.gt_boxes.float(), sample.metainfo)
         return data_samples
+
+    def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
+        """The per-step logits hook of generation (None for the linear region head)."""
+        if self.region_head != "pointer":
+            return None
+
+        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor) -> Tensor:
+            out = self._with_region_logits(logits[:, None], hidden[:, None], batch, prefill)
+            return out[:, 0]
+
+        return logits_fn
 
     def _decode(self, tokens: Tensor) -> str:
         ids = tokens.tolist()
@@ -384,7 +474,8 @@ class GromaPX(BaseModel):
         perception = self.perceive(inputs, data_samples, valid_sizes)
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-        return {"logits": out.logits, "region_tokens": self._region_tokens(perception, batch)}
+        logits = self._with_region_logits(out.logits, out.hidden_states, batch)
+        return {"logits": logits, "region_tokens": self._region_tokens(perception, batch)}
 
     @staticmethod
     def _region_tokens(perception: Perception, batch: dict[str, Tensor]) -> RegionTokens:

@@ -192,7 +192,12 @@ def test_loss_backward_reaches_every_trainable_parameter(build_model, make_batch
     losses["loss"].backward()
     trainable, missing, frozen_with_grad = _grad_report(model)
     assert not missing and not frozen_with_grad
-    assert {n.split(".")[0] for n in trainable} == {"llm", "region_encoder", "image_tokenizer"}
+    assert {n.split(".")[0] for n in trainable} == {
+        "llm",
+        "region_encoder",
+        "image_tokenizer",
+        "feature_gain",
+    }
     for name in FROZEN_PERCEPTION:
         module = model.get_submodule(name)
         assert not module.training  # frozen modules stay in eval mode under model.train()
@@ -223,8 +228,63 @@ def test_frozen_llm_trains_only_new_rows_region_encoder_and_image_tokens(build_m
     groups = {
         n.split(".")[0] if not n.startswith("llm.") else n.rsplit(".", 1)[0] for n in trainable
     }
-    assert groups == {"llm.new_embed", "llm.new_head", "region_encoder", "image_tokenizer"}
+    assert groups == {
+        "llm.new_embed",
+        "llm.new_head",
+        "region_encoder",
+        "image_tokenizer",
+        "feature_gain",
+    }
     assert not model.llm.model.training
+
+
+def test_region_loss_weight_upweights_region_targets(build_model, make_batch):
+    batch = make_batch(TRAIN_BATCH)
+    plain = build_model(selector=dict(score_thr=0.0))
+    weighted = build_model(selector=dict(score_thr=0.0), region_loss_weight=5.0)
+    weighted.load_state_dict(plain.state_dict())
+    out = _tensor(plain, batch, training=False)
+    assert out["region_tokens"].valid.any()
+    with torch.no_grad():
+        loss_plain = float(_loss(plain.eval(), batch)["loss"])
+        loss_weighted = float(_loss(weighted.eval(), batch)["loss"])
+    assert loss_weighted != pytest.approx(loss_plain)
+    with pytest.raises(ValueError, match="region_loss_weight"):
+        build_model(region_loss_weight=0.0)
+
+
+def test_pointer_region_head_scores_only_existing_regions(build_model, make_batch):
+    from groma_px.llm.pointer import MASKED_LOGIT
+
+    model = build_model(selector=dict(score_thr=0.0), region_head="pointer")
+    batch = make_batch(TRAIN_BATCH)
+    _loss(model, batch)["loss"].backward()
+    _, missing, _ = _grad_report(model)
+    assert not missing
+    assert model.region_pointer.query.weight.grad.abs().sum() > 0
+    out = _tensor(model.eval(), batch, training=False)
+    counts = out["region_tokens"].valid.sum(1)
+    cols = torch.tensor(model.token_ids.regions)
+    for b, k in enumerate(counts.tolist()):
+        assert (out["logits"][b][:, cols[k:]] == MASKED_LOGIT).all()
+        assert (out["logits"][b][:, cols[:k]] > MASKED_LOGIT).all()
+    with torch.no_grad():
+        samples = model(**model.data_preprocessor(make_batch([0, 1], "test"), False), mode="predict")
+    assert all(s.pred_response is not None for s in samples)
+    with pytest.raises(ValueError, match="region_head"):
+        build_model(region_head="mlp")
+
+
+def test_features_enter_at_the_token_embedding_scale(build_model, make_batch):
+    model = build_model(selector=dict(score_thr=0.0)).eval()
+    data = model.data_preprocessor(make_batch(TRAIN_BATCH), False)
+    with torch.no_grad():
+        perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+        batch = model._embed(perception, data["data_samples"], padding_side="right")
+    rms = batch["region_feats"].pow(2).mean(-1).sqrt()
+    embed_rms = model.llm.hf_model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert torch.allclose(rms, embed_rms.expand_as(rms), rtol=1e-3)
+    assert float(model.embedding_rms) == pytest.approx(float(embed_rms), rel=1e-5)
 
 
 def test_predict_returns_grounded_responses_in_original_pixels(build_model, make_batch):

@@ -15,4 +15,5 @@ llm = dict(
         tie_word_embeddings=False,
     ),
     attn_implementation="sdpa",
+    tie_new_embeddings=True,  # <ri> is scored against its own prompt embedding (pointer-like)
 )
