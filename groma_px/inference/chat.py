@@ -146,7 +146,7 @@ class GroundedChat:
         conv.turns = [
             *conv.turns,
             turn,
-            {"from": ASSISTANT, "value": response.raw_text, "regions": []},
+            {"from": ASSISTANT, "value": _replayable(response.raw_text), "regions": []},
         ]
         conv.responses.append(response)
         return response
