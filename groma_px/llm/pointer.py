@@ -12,10 +12,12 @@ MASKED_LOGIT = -1.0e4
 
 
 class RegionPointerHead(nn.Module):
-    """Scores region i for the next token by ``q(h_t) . k(h_slot_i) / sqrt(d)``, where
-    ``h_slot_i`` is the LLM's last hidden state at the prompt position that carries region i's
-    feature (the ``<region>`` slot in the pair layout, ``<ri>`` in the fused one): a pointer
-    network (Vinyals et al., 2015) over the region set. Replaces the linear ``new_head`` rows of
+    """Scores region i for the next token by ``q(h_t) . (k(h_slot_i) + k_f(f_i)) / sqrt(d)``,
+    where ``h_slot_i`` is the LLM's last hidden state at the prompt position that carries region
+    i's feature (the ``<region>`` slot in the pair layout, ``<ri>`` in the fused one) and ``f_i``
+    the region token itself: a pointer network (Vinyals et al., 2015) over the region set. The
+    direct feature key lets the answer's phrase be matched against what the region encoder saw
+    without first routing it through every LLM layer. Replaces the linear ``new_head`` rows of
     ``<r0>``... ``<r{K-1}>`` when ``GromaPX(region_head="pointer")``; text logits are unchanged.
 
     Args:
@@ -28,22 +30,25 @@ class RegionPointerHead(nn.Module):
         dim = dim or hidden_size
         self.query = nn.Linear(hidden_size, dim)
         self.key = nn.Linear(hidden_size, dim)
+        self.feature_key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, hidden: Tensor, slot_hidden: Tensor, slot_valid: Tensor) -> Tensor:
+    def forward(
+        self, hidden: Tensor, slot_hidden: Tensor, slot_feats: Tensor, slot_valid: Tensor
+    ) -> Tensor:
         """Pointer logits.
 
         Args:
             hidden: (B, L, D) hidden states that predict the next token.
             slot_hidden: (B, K, D) hidden states at each region's slot.
+            slot_feats: (B, K, D) region tokens (as spliced into the prompt).
             slot_valid: (B, K) bool; False for regions a sample does not have.
 
         Returns:
             (B, L, K) logits; ``MASKED_LOGIT`` where ``slot_valid`` is False.
         """
-        scores = (
-            torch.einsum("bld,bkd->blk", self.query(hidden), self.key(slot_hidden)) * self.scale
-        )
+        keys = self.key(slot_hidden) + self.feature_key(slot_feats)
+        scores = torch.einsum("bld,bkd->blk", self.query(hidden), keys) * self.scale
         return scores.masked_fill(~slot_valid[:, None, :], MASKED_LOGIT)
 
 

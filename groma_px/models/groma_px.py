@@ -375,7 +375,8 @@ class GromaPX(BaseModel):
         source = hidden if prefill is None else prefill
         positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
         keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
-        scores = self.region_pointer(hidden, keys, valid).to(logits.dtype)  # (B, L', K_max)
+        feats = _padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
+        scores = self.region_pointer(hidden, keys, feats, valid).to(logits.dtype)  # (B, L', K)
         cols = self._region_cols
         out = logits.clone()
         out[..., cols] = MASKED_LOGIT
@@ -497,3 +498,13 @@ class GromaPX(BaseModel):
             source[i, :k] = sel.source.to(source)
             start += k
         return RegionTokens(tokens=tokens, boxes=boxes, valid=valid, source=source)
+
+
+def _padded_rows(rows: Tensor, counts: list[int], width: int) -> Tensor:
+    """(sum K_b, D) rows, sample after sample -> (B, width, D), zero-padded."""
+    out = rows.new_zeros(len(counts), width, rows.shape[-1])
+    start = 0
+    for b, k in enumerate(counts):
+        out[b, :k] = rows[start : start + k]
+        start += k
+    return out
