@@ -1,0 +1,39 @@
+"""``benchmarks/bench_chat.py`` runs end to end on the tiny config and writes its JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_chat", ROOT / "benchmarks/bench_chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_chat_writes_ratios_and_positions(tiny_data, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "bench_chat.json"
+        result = _bench().main(
+            [
+                "--config", str(ROOT / "configs/tiny/groma-px_tiny.py"),
+                "--tokenizer", str(tiny_data["tokenizer_dir"]),
+                "--data-root", str(tiny_data["data_root"]),
+                "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    decode = result["decode"]
+    assert decode["ours_tokens_per_s"] > 0 and decode["bare_tokens_per_s"] > 0
+    g = result["num_image_tokens"]
+    assert result["llm_positions_per_image_at_K100"] == {"pair": g + 200, "fused": g + 100}
+    assert 0.0 < result["prefill_share_proposer_selector_region_encoder"] < 1.0
