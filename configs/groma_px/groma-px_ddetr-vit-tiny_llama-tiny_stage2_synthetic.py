@@ -21,6 +21,11 @@ model = dict(
     layout="pair",
     frozen=("backbone", "proposer", "llm.model"),  # llm.model: the base LLM, not new rows
     max_new_tokens=48,
+    # <ri> logits from a pointer over the region set (hidden state vs each region's slot state
+    # and feature), its targets weighted 5x: on the CPU budget the linear head stayed near
+    # chance (docs/NOTES.md, "groma_px end to end").
+    region_head="pointer",
+    region_loss_weight=5.0,
     # Perception is frozen in stages 2 and 3: keep each image's pyramid and proposals after the
     # first epoch. A fixed padded size makes features independent of batch-mates.
     cache_perception=True,
