@@ -431,3 +431,36 @@ def test_runner_trains_and_tests(tiny_cfg, tiny_data):
     trained = runner.model.state_dict()
     assert all(torch.equal(value, trained[key]) for key, value in chat.model.state_dict().items())
     assert chat.pipeline.transforms[-1].mode == "predict"
+
+
+def test_a_saved_llama_checkpoint_directory_plugs_in_through_config(
+    build_model, make_batch, tmp_path
+):
+    """A real pretrained Llama directory (here one this test saves) replaces the random LLM with
+    a config change only: ``llm=dict(type="GroundedCausalLM", pretrained=DIR)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reference = build_model()
+    first_new_id = reference.llm.first_new_id
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=first_new_id + 7,  # a padded vocabulary, as real checkpoints have
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    model = build_model(
+        llm=dict(type="GroundedCausalLM", pretrained=str(tmp_path / "llama"), config=None)
+    )
+    assert model.llm.hidden_size == 48 and model.region_encoder is not None
+    for name, param in llama.state_dict().items():
+        assert torch.equal(model.llm.hf_model.state_dict()[name], param), name
+    losses = _loss(model, make_batch(TRAIN_BATCH))
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert model.llm.new_embed.weight.grad is not None
