@@ -1,6 +1,6 @@
 # Iteration-based AdamW schedule with warm-up and one step decay (DETR-style gradient clipping).
 max_iters = 2000
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=1000)
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=500)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 
@@ -11,5 +11,5 @@ optim_wrapper = dict(
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=200),
-    dict(type="MultiStepLR", by_epoch=False, milestones=[1300], gamma=0.1),
+    dict(type="MultiStepLR", by_epoch=False, milestones=[1600], gamma=0.1),
 ]
