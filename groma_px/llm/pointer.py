@@ -74,3 +74,45 @@ def slot_positions(region_slots: Tensor, num_regions: list[int]) -> tuple[Tensor
     first = torch.argmax(matches.int(), dim=-1)  # first True along L
     positions = torch.where(found, first, positions)
     return positions, found
+
+
+def pointer_logits(
+    pointer: RegionPointerHead,
+    logits: Tensor,
+    hidden: Tensor,
+    batch: dict,
+    region_cols: Tensor,
+    *,
+    prefill: Tensor | None = None,
+) -> Tensor:
+    """``logits`` with the ``<ri>`` columns replaced by pointer scores (absent regions masked).
+
+    Args:
+        pointer: The head.
+        logits: (B, L', V) logits of the positions in ``hidden``.
+        hidden: (B, L', D) hidden states predicting the next token.
+        batch: The collated prompt: ``region_slots`` (B, L), ``num_regions`` (list of K_b),
+            ``region_feats`` (sum K_b, D).
+        region_cols: (K,) ids of ``<r0>`` ... ``<r{K-1}>`` (columns of ``logits``).
+        prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
+            decoding steps; defaults to ``hidden``.
+    """
+    source = hidden if prefill is None else prefill
+    positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
+    keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
+    feats = padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
+    scores = pointer(hidden, keys, feats, valid).to(logits.dtype)  # (B, L', K_max)
+    out = logits.clone()
+    out[..., region_cols] = MASKED_LOGIT
+    out[..., region_cols[: scores.shape[-1]]] = scores
+    return out
+
+
+def padded_rows(rows: Tensor, counts: list[int], width: int) -> Tensor:
+    """(sum K_b, D) rows, sample after sample -> (B, width, D), zero-padded."""
+    out = rows.new_zeros(len(counts), width, rows.shape[-1])
+    start = 0
+    for b, k in enumerate(counts):
+        out[b, :k] = rows[start : start + k]
+        start += k
+    return out

@@ -3,44 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.structures import BaseDataElement, InstanceData
 from torch import Tensor, nn
 
-from region_proposer.box_ops import denormalize_boxes, normalize_boxes
+from region_proposer.box_ops import normalize_boxes
 from region_proposer.pretrain import with_in_channels
 from region_proposer.pretrain.transforms import to_original_boxes
 from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.pointer import MASKED_LOGIT, RegionPointerHead, slot_positions
-from ..llm.sequence import IGNORE_INDEX, build_sequence, collate_sequences
+from ..llm.pointer import RegionPointerHead, pointer_logits
+from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
 from ..registry import MODELS
-from ..structures import GroundedRegion, RegionSource, RegionTokens
-from .inputs import SampleReferences, sample_references, splice_features
+from .inputs import sample_references, splice_features
+from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
 from .perception_cache import PerceptionCache
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 CONSUMER_ROLES = ("proposer", "region", "image")
-
-
-@dataclass
-class Perception:
-    """What the frozen-or-not perception side produced for a batch."""
-
-    pyramids: dict[str, FeaturePyramid]
-    proposals: Proposals
-    selections: list[Any]  # RegionSelection per sample
-    references: list[SampleReferences]
 
 
 @MODELS.register_module()
@@ -194,10 +182,7 @@ class GromaPX(BaseModel):
             self.get_submodule(name).eval()
         return self
 
-    @property
-    def num_image_tokens(self) -> int:
-        """G, the image tokens per image."""
-        return self.image_tokenizer.num_tokens
+    num_image_tokens = property(lambda self: self.image_tokenizer.num_tokens, doc="G per image")
 
     # ----------------------------------------------------------------------------- forward
     def forward(
@@ -340,19 +325,8 @@ class GromaPX(BaseModel):
         logits = self._with_region_logits(out.logits, out.hidden_states, batch)
         logits = logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        per_token = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-        weights = (labels.reshape(-1) != IGNORE_INDEX).float()
-        if self.region_loss_weight != 1.0:
-            region_ids = torch.tensor(self.token_ids.regions, device=labels.device)
-            is_region = torch.isin(labels.reshape(-1), region_ids)
-            weights = torch.where(is_region, weights * self.region_loss_weight, weights)
-        loss = (per_token * weights).sum() / weights.sum().clamp(min=1.0)
-        return {"loss": loss, "region_acc": self._region_accuracy(logits, labels)}
+        losses = next_token_loss(logits, labels, self._region_cols, self.region_loss_weight)
+        return losses
 
     def _with_region_logits(
         self,
@@ -361,37 +335,13 @@ class GromaPX(BaseModel):
         batch: dict[str, Tensor],
         prefill: Tensor | None = None,
     ) -> Tensor:
-        """``logits`` with the ``<ri>`` columns from the pointer head (``region_head="pointer"``).
-
-        Args:
-            logits: (B, L', V) logits of the positions in ``hidden``.
-            hidden: (B, L', D) hidden states predicting the next token.
-            batch: The collated prompt (``region_slots``, ``num_regions``).
-            prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
-                decoding steps; defaults to ``hidden``.
-        """
+        """``logits`` with the ``<ri>`` columns from the pointer head, if configured
+        (``pointer_logits``; ``prefill`` holds the prompt's states while decoding)."""
         if self.region_head != "pointer":
             return logits
-        source = hidden if prefill is None else prefill
-        positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
-        keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
-        feats = _padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
-        scores = self.region_pointer(hidden, keys, feats, valid).to(logits.dtype)  # (B, L', K)
-        cols = self._region_cols
-        out = logits.clone()
-        out[..., cols] = MASKED_LOGIT
-        out[..., cols[: scores.shape[-1]]] = scores
-        return out
-
-    def _region_accuracy(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Share of supervised ``<ri>`` targets predicted exactly (teacher forcing); a
-        diagnostic that mmengine logs next to the loss."""
-        region_ids = torch.tensor(self.token_ids.regions, device=labels.device)
-        is_region = torch.isin(labels, region_ids)
-        if not bool(is_region.any()):
-            return logits.new_zeros(())
-        hits = logits.argmax(-1)[is_region] == labels[is_region]
-        return hits.float().mean().detach()
+        return pointer_logits(
+            self.region_pointer, logits, hidden, batch, self._region_cols, prefill=prefill
+        )
 
     @torch.no_grad()
     def predict(
@@ -411,7 +361,7 @@ class GromaPX(BaseModel):
             logits_fn=self._decode_logits_fn(batch),
         )
         for b, sample in enumerate(data_samples):
-            regions, kept = self._kept_regions(perception.selections[b], sample, valid_sizes[b])
+            regions, kept = kept_regions(perception.selections[b], sample, valid_sizes[b])
             raw = self._decode(generated.tokens[b])
             sample.pred_response = parse_grounded_text(raw, regions, vocab=self.vocab)
             sample.pred_text = sample.pred_response.text
@@ -439,36 +389,6 @@ class GromaPX(BaseModel):
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    @staticmethod
-    def _kept_regions(
-        selection: Any, sample: BaseDataElement, valid_size: Tensor
-    ) -> tuple[list[GroundedRegion], Tensor]:
-        """Kept regions (row i = ``<ri>``) in original-image pixels."""
-        boxes = to_original_boxes(denormalize_boxes(selection.boxes, valid_size), sample.metainfo)
-        h, w = sample.metainfo.get("ori_shape", (float("inf"), float("inf")))
-        boxes = (
-            torch.stack(
-                [
-                    boxes[:, 0].clamp(0, w),
-                    boxes[:, 1].clamp(0, h),
-                    boxes[:, 2].clamp(0, w),
-                    boxes[:, 3].clamp(0, h),
-                ],
-                dim=-1,
-            )
-            if boxes.numel()
-            else boxes.reshape(0, 4)
-        )
-        regions = [
-            GroundedRegion(
-                box=tuple(float(v) for v in box),
-                score=float(min(max(float(score), 0.0), 1.0)),
-                source=RegionSource(int(code)).label,
-            )
-            for box, score, code in zip(boxes, selection.scores, selection.source, strict=True)
-        ]
-        return regions, boxes.detach().cpu()
-
     def _forward(
         self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
     ) -> dict[str, Any]:
@@ -476,35 +396,4 @@ class GromaPX(BaseModel):
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
         logits = self._with_region_logits(out.logits, out.hidden_states, batch)
-        return {"logits": logits, "region_tokens": self._region_tokens(perception, batch)}
-
-    @staticmethod
-    def _region_tokens(perception: Perception, batch: dict[str, Tensor]) -> RegionTokens:
-        """Padded ``RegionTokens`` of the batch (row i of sample b is its ``<ri>``)."""
-        sels = perception.selections
-        feats = batch["region_feats"]
-        num = max([len(s.boxes) for s in sels] + [0])
-        b = len(sels)
-        tokens = feats.new_zeros(b, num, feats.shape[-1])
-        boxes = feats.new_zeros(b, num, 4)
-        valid = torch.zeros(b, num, dtype=torch.bool, device=feats.device)
-        source = torch.zeros(b, num, dtype=torch.long, device=feats.device)
-        start = 0
-        for i, sel in enumerate(sels):
-            k = len(sel.boxes)
-            tokens[i, :k] = feats[start : start + k]
-            boxes[i, :k] = sel.boxes.to(feats)
-            valid[i, :k] = True
-            source[i, :k] = sel.source.to(source)
-            start += k
-        return RegionTokens(tokens=tokens, boxes=boxes, valid=valid, source=source)
-
-
-def _padded_rows(rows: Tensor, counts: list[int], width: int) -> Tensor:
-    """(sum K_b, D) rows, sample after sample -> (B, width, D), zero-padded."""
-    out = rows.new_zeros(len(counts), width, rows.shape[-1])
-    start = 0
-    for b, k in enumerate(counts):
-        out[b, :k] = rows[start : start + k]
-        start += k
-    return out
+        return {"logits": logits, "region_tokens": padded_region_tokens(perception, batch)}
