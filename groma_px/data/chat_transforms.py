@@ -64,7 +64,8 @@ class PackGroundedChatInputs:
 
     Metainfo: ``sample_id``, ``task``, ``source``, ``img_path``, ``ori_shape``, ``img_shape``,
     ``affine``, ``flip``, ``meta``, ``answer`` (raw text of the last assistant turn, None if the
-    conversation ends with a human turn) and ``answer_regions`` (its ``regions``).
+    conversation ends with a human turn), ``answer_regions`` (its ``regions``) and ``question``
+    (the text of the last human turn, placeholders kept).
 
     In predict mode ``input_ids`` stop after the last assistant prefix: the last answer and its
     placeholders are left out of ``input_ids`` and ``ref_regions`` and kept only as metainfo.
@@ -143,7 +144,9 @@ class PackGroundedChatInputs:
         if self.vocab is not None:
             _check_num_cited(ref_regions, self.vocab.num_region_tokens, sample_id)
         metainfo = {k: results[k] for k in self.META_KEYS if k in results}
+        humans = [t["value"] for t in turns if t.get("from") == HUMAN]
         metainfo.update(
+            question=humans[-1] if humans else None,
             answer=last["value"] if last is not None else None,
             answer_regions=list(last.get("regions", [])) if last is not None else [],
         )

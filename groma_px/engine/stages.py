@@ -113,7 +113,7 @@ def draw_predictions(runner: Runner, out_dir: str | Path, *, per_task: int = 2) 
 def _draw_one(sample: Any, path: Path) -> str:
     response = sample.pred_response
     image = draw_response(Image.open(sample.metainfo["img_path"]).convert("RGB"), response)
-    question = sample.metainfo.get("question", "")
+    question = (sample.metainfo.get("question") or "").replace("<image>", "").strip()
     lines = [f"Q: {question}"] if question else []
     lines += [f"A: {response.raw_text}", f"reference: {sample.metainfo.get('answer', '')}"]
     add_caption(image, lines).save(path)

@@ -134,6 +134,7 @@ def test_predict_drops_the_last_answer(root):
     assert not predict.label_mask.any()
     assert predict.ref_regions.numel() == 0 and predict.ref_is_user.numel() == 0
     assert predict.answer == REC["conversations"][1]["value"] and predict.answer_regions == [0]
+    assert predict.question == REC["conversations"][0]["value"]
     # A user box of a human turn stays in the prompt.
     assert dataset(root, mode="predict")[0]["data_samples"].ref_regions.tolist() == [1]
 
