@@ -269,7 +269,9 @@ def test_pointer_region_head_scores_only_existing_regions(build_model, make_batc
         assert (out["logits"][b][:, cols[k:]] == MASKED_LOGIT).all()
         assert (out["logits"][b][:, cols[:k]] > MASKED_LOGIT).all()
     with torch.no_grad():
-        samples = model(**model.data_preprocessor(make_batch([0, 1], "test"), False), mode="predict")
+        samples = model(
+            **model.data_preprocessor(make_batch([0, 1], "test"), False), mode="predict"
+        )
     assert all(s.pred_response is not None for s in samples)
     with pytest.raises(ValueError, match="region_head"):
         build_model(region_head="mlp")
