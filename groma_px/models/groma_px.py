@@ -62,11 +62,11 @@ class GromaPX(BaseModel):
             features do not drown the token embeddings they sit next to or are added to (the
             fused layout adds a region feature to its ``<ri>`` embedding). Defaults to True.
         region_loss_weight: Weight of ``<ri>`` targets in the token-averaged cross-entropy
-            (1.0: plain CE). An answer has one region token among a dozen text tokens, so a
-            larger weight speeds up learning to point. Defaults to 1.0.
+            (1.0: plain CE). An answer has one region token among a dozen text tokens; a
+            larger weight strengthens the pointing signal against the text. Defaults to 1.0.
         region_head: How ``<ri>`` logits are computed: ``"linear"`` (the adapter's extra LM
             head, Groma) or ``"pointer"`` (``RegionPointerHead``: the next-token state matched
-            against the hidden state at region i's prompt slot). Defaults to "linear".
+            against region i's prompt-slot state and feature). Defaults to "linear".
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
