@@ -30,7 +30,9 @@ model = dict(
     # first epoch. A fixed padded size makes features independent of batch-mates.
     cache_perception=True,
     data_preprocessor=dict(
-        type="ProposerDataPreprocessor", pad_size_divisor=16, pad_to_size=(224, 224)
+        type="ProposerDataPreprocessor",
+        pad_size_divisor={{_base_.data_preprocessor.pad_size_divisor}},
+        pad_to_size=({{_base_.image_size}}, {{_base_.image_size}}),
     ),
 )
 load_from = "work_dirs/quickstart/stage1/iter_2000.pth"

@@ -96,6 +96,8 @@ def draw_predictions(runner: Runner, out_dir: str | Path, *, per_task: int = 2) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     model.eval()
+    dataset = runner.test_dataloader.dataset
+    tasks = {dataset.get_data_info(i)["task"] for i in range(len(dataset))}
     counts: dict[str, int] = {}
     written: list[str] = []
     for batch in runner.test_dataloader:
@@ -105,7 +107,7 @@ def draw_predictions(runner: Runner, out_dir: str | Path, *, per_task: int = 2) 
                 continue
             counts[task] = counts.get(task, 0) + 1
             written.append(_draw_one(sample, out_dir / f"{task}_{counts[task]}.png"))
-        if len(counts) >= 5 and all(v >= per_task for v in counts.values()):
+        if all(counts.get(task, 0) >= per_task for task in tasks):
             break
     return written
 

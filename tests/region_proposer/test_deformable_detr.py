@@ -9,6 +9,7 @@ from mmengine.structures import InstanceData
 from region_proposer.proposers.deformable_detr import DeformableDETRProposer
 from region_proposer.registry import MODELS
 from region_proposer.structures import FeaturePyramid
+from region_proposer.testing import box_instances, random_vit_pyramid
 
 CHANNELS = 16
 SCALES = (2.0, 1.0, 0.5)  # a ViT pyramid (patch 14): deconv x2, identity, max-pool x1/2
@@ -31,26 +32,11 @@ def _model(**overrides):
     return DeformableDETRProposer(**cfg)
 
 
-def _vit_pyramid(valid_sizes, batch=None, patch=14, seed=0):
-    """Maps sized as a ViT pyramid of the padded batch (pad to a patch multiple)."""
-    gen = torch.Generator().manual_seed(seed)
-    height = max(h for h, _ in valid_sizes)
-    width = max(w for _, w in valid_sizes)
-    grid = (math.ceil(height / patch), math.ceil(width / patch))
-    maps = [
-        torch.randn(len(valid_sizes), CHANNELS, int(grid[0] * s), int(grid[1] * s), generator=gen)
-        for s in SCALES
-    ]
-    image_size = (grid[0] * patch, grid[1] * patch)
-    return FeaturePyramid.from_maps(maps, image_size, valid_sizes=torch.tensor(valid_sizes))
+def _vit_pyramid(valid_sizes, seed=0):
+    return random_vit_pyramid(valid_sizes, channels=CHANNELS, scales=SCALES, seed=seed)
 
 
-def _instances(boxes_per_image, sources=None):
-    out = []
-    for i, boxes in enumerate(boxes_per_image):
-        meta = dict(sample_id=str(i), source=(sources or ["default"] * len(boxes_per_image))[i])
-        out.append(InstanceData(bboxes=torch.tensor(boxes).reshape(-1, 4), metainfo=meta))
-    return out
+_instances = box_instances
 
 
 BOXES = [[[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8]], []]

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from mmengine.structures import InstanceData
 
 from region_proposer.proposers.detr import DETRProposer
 from region_proposer.registry import MODELS
 from region_proposer.structures import FeaturePyramid
+from region_proposer.testing import box_instances, random_vit_pyramid
 
 CHANNELS = 16
 SCALES = (2.0, 1.0, 0.5)  # a ViT pyramid (patch 14): deconv x2, identity, max-pool x1/2
@@ -29,25 +29,11 @@ def _model(**overrides):
     return DETRProposer(**cfg)
 
 
-def _vit_pyramid(valid_sizes, patch=14, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    grid = (
-        math.ceil(max(h for h, _ in valid_sizes) / patch),
-        math.ceil(max(w for _, w in valid_sizes) / patch),
-    )
-    maps = [
-        torch.randn(len(valid_sizes), CHANNELS, int(grid[0] * s), int(grid[1] * s), generator=gen)
-        for s in SCALES
-    ]
-    image_size = (grid[0] * patch, grid[1] * patch)
-    return FeaturePyramid.from_maps(maps, image_size, valid_sizes=torch.tensor(valid_sizes))
+def _vit_pyramid(valid_sizes, seed=0):
+    return random_vit_pyramid(valid_sizes, channels=CHANNELS, scales=SCALES, seed=seed)
 
 
-def _instances(boxes_per_image):
-    return [
-        InstanceData(bboxes=torch.tensor(b).reshape(-1, 4), metainfo=dict(source="default"))
-        for b in boxes_per_image
-    ]
+_instances = box_instances
 
 
 def test_level_choice_is_the_finest_within_budget():
