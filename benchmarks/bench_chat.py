@@ -84,7 +84,7 @@ def prefill(model: torch.nn.Module, batch: dict) -> tuple[dict, dict[str, float]
     pyramids, proposals = model._propose(inputs, samples, sizes)
     parts["backbone+proposer"] = time.perf_counter() - start
     start = time.perf_counter()
-    perception = model.perceive_from(pyramids, proposals, samples, sizes)
+    perception = model.perceive_from(pyramids, proposals, samples, sizes, image=inputs)
     parts["selector"] = time.perf_counter() - start
     parts["region_encoder"] = timed(lambda: model._region_features(perception))
     image = model.consumers["image"]

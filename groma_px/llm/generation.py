@@ -36,7 +36,7 @@ def greedy_generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     output_hidden_states: bool = True,
-    logits_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    logits_fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> GenerationOutput:
     """Greedy (argmax) decoding of a left-padded batch, reusing the KV cache between steps.
 
@@ -54,9 +54,10 @@ def greedy_generate(
         eos_token_id: Id or ids that end a sequence.
         pad_token_id: Id written after a sequence's eos (never fed to the model).
         output_hidden_states: Also return the hidden states. Defaults to True.
-        logits_fn: Optional ``(logits (B, V), hidden (B, D), prefill_hidden (B, L, D)) ->
-            logits`` applied before each argmax, e.g. ``GromaPX``'s region pointer, which scores
-            regions against the prompt's hidden states. Defaults to None.
+        logits_fn: Optional ``(logits (B, V), hidden (B, D), prefill_hidden (B, L, D),
+            generated (B, t) long ids so far) -> logits`` applied before each argmax, e.g.
+            ``GromaPX``'s region pointer, which scores regions against the prompt's hidden
+            states and the phrase being written. Defaults to None.
 
     Returns:
         ``GenerationOutput``.
@@ -79,7 +80,8 @@ def greedy_generate(
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
         if logits_fn is not None:
-            logits = logits_fn(logits, out.hidden_states[:, -1], prefill_hidden)
+            so_far = torch.stack(tokens, dim=1) if tokens else attention_mask.new_zeros(batch, 0)
+            logits = logits_fn(logits, out.hidden_states[:, -1], prefill_hidden, so_far.long())
         predicted = logits.argmax(dim=-1)
         tokens.append(torch.where(done, pad_token_id, predicted))
         if output_hidden_states:

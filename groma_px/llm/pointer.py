@@ -20,21 +20,39 @@ class RegionPointerHead(nn.Module):
     without first routing it through every LLM layer. Replaces the linear ``new_head`` rows of
     ``<r0>``... ``<r{K-1}>`` when ``GromaPX(region_head="pointer")``; text logits are unchanged.
 
+    With ``phrase_query=True`` the query also gets ``q_p(mean of the token embeddings of the
+    current phrase)``: the words between the latest ``<p>`` and its ``</p>`` (see
+    :func:`phrase_embeddings`), so the phrase the answer just wrote reaches the pointer directly
+    rather than only through the LLM's attention (MDETR-style phrase-region alignment).
+
     Args:
         hidden_size: The LLM's hidden size D.
         dim: Width of queries and keys; defaults to D.
+        phrase_query: Add the pooled-phrase term to the query. Defaults to False.
     """
 
-    def __init__(self, hidden_size: int, dim: int | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, dim: int | None = None, phrase_query: bool = False
+    ) -> None:
         super().__init__()
         dim = dim or hidden_size
         self.query = nn.Linear(hidden_size, dim)
+        self.phrase_query = (
+            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
+            if phrase_query
+            else None
+        )
         self.key = nn.Linear(hidden_size, dim)
         self.feature_key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(
-        self, hidden: Tensor, slot_hidden: Tensor, slot_feats: Tensor, slot_valid: Tensor
+        self,
+        hidden: Tensor,
+        slot_hidden: Tensor,
+        slot_feats: Tensor,
+        slot_valid: Tensor,
+        phrase: Tensor | None = None,
     ) -> Tensor:
         """Pointer logits.
 
@@ -43,13 +61,56 @@ class RegionPointerHead(nn.Module):
             slot_hidden: (B, K, D) hidden states at each region's slot.
             slot_feats: (B, K, D) region tokens (as spliced into the prompt).
             slot_valid: (B, K) bool; False for regions a sample does not have.
+            phrase: (B, L, D) pooled phrase embedding at each position of ``hidden``; required
+                when the head was built with ``phrase_query=True``, ignored otherwise.
 
         Returns:
             (B, L, K) logits; ``MASKED_LOGIT`` where ``slot_valid`` is False.
         """
         keys = self.key(slot_hidden) + self.feature_key(slot_feats)
-        scores = torch.einsum("bld,bkd->blk", self.query(hidden), keys) * self.scale
+        query = self.query(hidden)
+        if self.phrase_query is not None:
+            if phrase is None:
+                raise ValueError("RegionPointerHead(phrase_query=True) needs the pooled phrase")
+            query = query + self.phrase_query(phrase.to(query.dtype))
+        scores = torch.einsum("bld,bkd->blk", query, keys) * self.scale
         return scores.masked_fill(~slot_valid[:, None, :], MASKED_LOGIT)
+
+
+def phrase_embeddings(
+    token_ids: Tensor, embeds: Tensor, *, phrase_start: int, phrase_end: int
+) -> Tensor:
+    """Mean embedding of the current phrase at every position.
+
+    The current phrase at position t is the tokens after the latest ``<p>`` at or before t, up to
+    t or to that phrase's ``</p>`` (the markers themselves excluded). So at the ``<roi>`` that
+    follows ``<p>the red star</p>``, and at every ``<ri>`` inside that ``<roi>``, it is the mean
+    of "the red star"; before any ``<p>``, or right after one, it is zero.
+
+    Args:
+        token_ids: (B, L) long ids.
+        embeds: (B, L, D) their token embeddings.
+        phrase_start: Id of ``<p>``.
+        phrase_end: Id of ``</p>``.
+
+    Returns:
+        (B, L, D) pooled phrase embeddings.
+    """
+    length = token_ids.shape[1]
+    index = torch.arange(length, device=token_ids.device).expand_as(token_ids)
+    none = torch.full_like(token_ids, -1)
+    last_open = torch.where(token_ids == phrase_start, index, none).cummax(dim=1).values
+    last_close = torch.where(token_ids == phrase_end, index, none).cummax(dim=1).values
+    inside = (last_open > last_close) & (token_ids != phrase_start)
+    weights = inside.to(embeds.dtype)[..., None]
+    sums = torch.cumsum(embeds * weights, dim=1)
+    counts = torch.cumsum(weights, dim=1)
+    # Subtract what came before the current <p> (the prefix sums at that position).
+    start = last_open.clamp(min=0)[..., None]
+    sums = sums - sums.gather(1, start.expand_as(sums))
+    counts = counts - counts.gather(1, start)
+    pooled = sums / counts.clamp(min=1.0)
+    return pooled.masked_fill((last_open < 0)[..., None], 0.0)
 
 
 def slot_positions(region_slots: Tensor, num_regions: list[int]) -> tuple[Tensor, Tensor]:
@@ -84,6 +145,7 @@ def pointer_logits(
     region_cols: Tensor,
     *,
     prefill: Tensor | None = None,
+    phrase: Tensor | None = None,
 ) -> Tensor:
     """``logits`` with the ``<ri>`` columns replaced by pointer scores (absent regions masked).
 
@@ -96,12 +158,13 @@ def pointer_logits(
         region_cols: (K,) ids of ``<r0>`` ... ``<r{K-1}>`` (columns of ``logits``).
         prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
             decoding steps; defaults to ``hidden``.
+        phrase: (B, L', D) pooled phrase embeddings for a ``phrase_query`` head.
     """
     source = hidden if prefill is None else prefill
     positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
     keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
     feats = padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
-    scores = pointer(hidden, keys, feats, valid).to(logits.dtype)  # (B, L', K_max)
+    scores = pointer(hidden, keys, feats, valid, phrase).to(logits.dtype)  # (B, L', K_max)
     out = logits.clone()
     out[..., region_cols] = MASKED_LOGIT
     out[..., region_cols[: scores.shape[-1]]] = scores

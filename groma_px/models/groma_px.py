@@ -17,7 +17,7 @@ from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.pointer import RegionPointerHead, pointer_logits
+from ..llm.pointer import RegionPointerHead, phrase_embeddings, pointer_logits
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
@@ -67,6 +67,8 @@ class GromaPX(BaseModel):
         region_head: How ``<ri>`` logits are computed: ``"linear"`` (the adapter's extra LM
             head, Groma) or ``"pointer"`` (``RegionPointerHead``: the next-token state matched
             against region i's prompt-slot state and feature). Defaults to "linear".
+        region_pointer: Keyword arguments of ``RegionPointerHead`` (``dim``, ``phrase_query``)
+            when ``region_head="pointer"``. Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -89,6 +91,7 @@ class GromaPX(BaseModel):
         match_embedding_scale: bool = True,
         region_loss_weight: float = 1.0,
         region_head: str = "linear",
+        region_pointer: dict | None = None,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -125,7 +128,7 @@ class GromaPX(BaseModel):
             raise ValueError(f"region_head must be one of {REGION_HEADS}, got {region_head!r}")
         self.region_head = region_head
         if region_head == "pointer":
-            self.region_pointer = RegionPointerHead(self.llm.hidden_size)
+            self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
         self.register_buffer(
             "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
         )
@@ -213,7 +216,7 @@ class GromaPX(BaseModel):
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
         else:
             pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
-        return self.perceive_from(pyramids, proposals, data_samples, valid_sizes)
+        return self.perceive_from(pyramids, proposals, data_samples, valid_sizes, image=inputs)
 
     def perceive_from(
         self,
@@ -221,8 +224,10 @@ class GromaPX(BaseModel):
         proposals: Proposals,
         data_samples: list[BaseDataElement],
         valid_sizes: Tensor,
+        image: Tensor | None = None,
     ) -> Perception:
-        """Region selection per sample from computed pyramids and proposals."""
+        """Region selection per sample from computed pyramids and proposals (``image``: the
+        normalised input batch, for a region encoder with a pixel branch)."""
         references = [
             sample_references(s, size) for s, size in zip(data_samples, valid_sizes, strict=True)
         ]
@@ -236,7 +241,7 @@ class GromaPX(BaseModel):
             )
             for b, ref in enumerate(references)
         ]
-        return Perception(pyramids, proposals, selections, references)
+        return Perception(pyramids, proposals, selections, references, image)
 
     def _propose(
         self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
@@ -259,7 +264,9 @@ class GromaPX(BaseModel):
     def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:
         """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows."""
         boxes = [sel.boxes for sel in perception.selections]
-        feats = self.region_encoder(perception.pyramids[self.consumers["region"]], boxes)
+        feats = self.region_encoder(
+            perception.pyramids[self.consumers["region"]], boxes, image=perception.image
+        )
         counts = torch.tensor([len(b) for b in boxes], device=feats.device)
         offsets = torch.cumsum(counts, 0) - counts
         return feats, offsets
@@ -334,13 +341,30 @@ class GromaPX(BaseModel):
         hidden: Tensor,
         batch: dict[str, Tensor],
         prefill: Tensor | None = None,
+        token_ids: Tensor | None = None,
     ) -> Tensor:
         """``logits`` with the ``<ri>`` columns from the pointer head, if configured
-        (``pointer_logits``; ``prefill`` holds the prompt's states while decoding)."""
+        (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states and
+        ``token_ids`` the prompt and the tokens generated so far)."""
         if self.region_head != "pointer":
             return logits
+        phrase = None
+        if self.region_pointer.phrase_query is not None:
+            ids = batch["input_ids"] if token_ids is None else token_ids
+            phrase = phrase_embeddings(
+                ids,
+                self.llm.embed_tokens(ids),
+                phrase_start=self.token_ids.phrase_start,
+                phrase_end=self.token_ids.phrase_end,
+            )[:, -hidden.shape[1] :]
         return pointer_logits(
-            self.region_pointer, logits, hidden, batch, self._region_cols, prefill=prefill
+            self.region_pointer,
+            logits,
+            hidden,
+            batch,
+            self._region_cols,
+            prefill=prefill,
+            phrase=phrase,
         )
 
     @torch.no_grad()
@@ -374,8 +398,11 @@ class GromaPX(BaseModel):
         if self.region_head != "pointer":
             return None
 
-        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor) -> Tensor:
-            out = self._with_region_logits(logits[:, None], hidden[:, None], batch, prefill)
+        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
+            ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
+            out = self._with_region_logits(
+                logits[:, None], hidden[:, None], batch, prefill, token_ids=ids
+            )
             return out[:, 0]
 
         return logits_fn

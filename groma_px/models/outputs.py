@@ -27,6 +27,7 @@ class Perception:
     proposals: Proposals
     selections: list[Any]  # RegionSelection per sample
     references: list[SampleReferences]
+    image: Tensor | None = None  # the normalised padded input batch (pixel-level region branch)
 
 
 def kept_regions(

@@ -110,6 +110,12 @@ class RoIRegionEncoder(nn.Module):
     (summed or concatenated), flattened and mapped by an MLP (Linear-GELU-Linear) to ``out_dim``;
     an MLP of the normalised (x0, y0, x1, y1, w, h) is added.
 
+    ``pixel_roi_size > 0`` adds a low-level branch: RoIAlign of the normalised input image itself
+    (stride 1) to ``pixel_roi_size x pixel_roi_size x 3``, flattened and mapped by an MLP, added
+    to the token. A detector trained class-agnostically keeps little colour and fine shape in its
+    features (linear probes on the tiny stage-1 pyramid read colour at 0.87, shape at 0.81); the
+    pixel branch hands them to the LLM directly (``docs/NOTES.md``, "groma_px end to end").
+
     ``legacy_groma_roi=True`` reproduces Groma's released RoI extraction, for ablations only
     (FoundationVision/Groma ``groma/model/roi_align.py``; issues 11 and 21):
 
@@ -135,6 +141,8 @@ class RoIRegionEncoder(nn.Module):
         box_embed: Add the box-position embedding. Defaults to True.
         sampling_ratio: Bilinear samples per output cell and axis (0: adaptive). Defaults to 2.
         legacy_groma_roi: Reproduce Groma's RoI bugs (see above). Defaults to False.
+        pixel_roi_size: Cells per side of the input-image RoIAlign branch; 0 turns it off.
+            Defaults to 0.
     """
 
     def __init__(
@@ -150,12 +158,15 @@ class RoIRegionEncoder(nn.Module):
         box_embed: bool = True,
         sampling_ratio: int = 2,
         legacy_groma_roi: bool = False,
+        pixel_roi_size: int = 0,
     ) -> None:
         super().__init__()
         self.levels = tuple(range(num_levels)) if levels is None else tuple(levels)
         _check_args(in_channels, num_levels, out_dim, roi_size, hidden_dim, self.levels, fusion)
         if sampling_ratio < 0:
             raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
+        if pixel_roi_size < 0:
+            raise ValueError(f"pixel_roi_size must be >= 0 (0: off), got {pixel_roi_size}")
         if legacy_groma_roi:
             warnings.warn(
                 "RoIRegionEncoder(legacy_groma_roi=True) reproduces Groma's RoI bugs (cxcywh read "
@@ -175,13 +186,23 @@ class RoIRegionEncoder(nn.Module):
         fused_channels = hidden_dim * (len(self.levels) if fusion == "concat" else 1)
         self.head = _mlp(fused_channels * roi_size * roi_size, hidden_dim, out_dim)
         self.box_embed = _mlp(6, hidden_dim, out_dim) if box_embed else None
+        self.pixel_roi_size = pixel_roi_size
+        self.pixel_head = (
+            _mlp(3 * pixel_roi_size * pixel_roi_size, hidden_dim, out_dim)
+            if pixel_roi_size
+            else None
+        )
 
-    def forward(self, pyramid: FeaturePyramid, boxes: list[Tensor]) -> Tensor:
+    def forward(
+        self, pyramid: FeaturePyramid, boxes: list[Tensor], image: Tensor | None = None
+    ) -> Tensor:
         """Encodes the regions of a batch.
 
         Args:
             pyramid: Feature maps of the padded batch, ``num_levels`` levels of ``in_channels``.
             boxes: ``boxes[b]`` is (K_b, 4) normalised xyxy of the unpadded image b.
+            image: (B, 3, H, W) normalised padded input batch the pyramid was computed from;
+                required when ``pixel_roi_size > 0``, ignored otherwise.
 
         Returns:
             (sum K_b, out_dim) region tokens in batch order. With no regions at all this is
@@ -202,7 +223,32 @@ class RoIRegionEncoder(nn.Module):
         tokens = self.head(fused.flatten(1))
         if self.box_embed is not None:
             tokens = tokens + self.box_embed(box_features(torch.cat(boxes)).to(tokens.dtype))
+        if self.pixel_head is not None:
+            tokens = tokens + self.pixel_head(self._pool_pixels(pyramid, boxes, image))
         return tokens
+
+    def _pool_pixels(self, pyramid: FeaturePyramid, boxes: list[Tensor], image: Tensor | None):
+        """(sum K_b, 3 * p * p) RoIAlign of each region on the input image (stride 1)."""
+        if image is None:
+            raise ValueError(
+                f"{type(self).__name__}(pixel_roi_size={self.pixel_roi_size}) needs the input "
+                "image: call forward(pyramid, boxes, image=inputs)"
+            )
+        expected = (pyramid.batch_size, 3)
+        if image.ndim != 4 or tuple(image.shape[:2]) != expected:
+            raise ValueError(
+                f"image must be (B, 3, H, W) with B={expected[0]}, got {tuple(image.shape)}"
+            )
+        rois = regions_to_pixels(pyramid, boxes, legacy_groma_roi=self.legacy_groma_roi)
+        pooled = roi_align(
+            image,
+            [r.to(image.dtype) for r in rois],
+            output_size=self.pixel_roi_size,
+            spatial_scale=1.0,
+            sampling_ratio=self.sampling_ratio,
+            aligned=True,
+        )
+        return pooled.flatten(1)
 
     def _check_inputs(self, pyramid: FeaturePyramid, boxes: list[Tensor]) -> None:
         if len(pyramid.maps) != self.num_levels:

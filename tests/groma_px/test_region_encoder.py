@@ -157,3 +157,27 @@ def test_without_box_embed_and_bad_arguments():
 def test_registered_in_groma_px_models():
     # module_dict, not build(): a build imports every registry location (seconds of imports).
     assert MODELS.module_dict["RoIRegionEncoder"] is RoIRegionEncoder
+
+
+def test_pixel_branch_reads_the_image_inside_each_box_only():
+    pyramid = _odd_pyramid()
+    encoder = _encoder(pixel_roi_size=3).eval()
+    boxes = _boxes()
+    image = torch.randn(2, 3, 200, 250, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = encoder(pyramid, boxes, image=image)
+        # Change the pixels of image 0 inside box 2 (x 175..225, y 20..60) only.
+        changed = image.clone()
+        changed[0, :, 22:58, 177:223] += 5.0
+        moved = encoder(pyramid, boxes, image=changed)
+        without = _encoder()(pyramid, boxes)
+    diff = (moved - base).abs().amax(-1)
+    assert diff[2] > 1e-3  # the box whose pixels changed
+    assert diff[[0, 3, 4]].max() == 0  # boxes elsewhere (box 1 is the whole image 0)
+    assert base.shape == without.shape
+    with pytest.raises(ValueError, match="needs the input image"):
+        encoder(pyramid, boxes)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        encoder(pyramid, boxes, image=image[:1])
+    with pytest.raises(ValueError, match="pixel_roi_size"):
+        _encoder(pixel_roi_size=-1)
