@@ -19,6 +19,7 @@ MODELS = Registry(
     locations=[
         "groma_px.models",
         "groma_px.region_encoder",
+        "groma_px.mask_head",
         "groma_px.vision",
         "groma_px.llm.adapter",
         *_rp.PROPOSER_MODULES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,14 +22,17 @@ from ..llm.pointer import RegionPointerHead, phrase_embeddings, pointer_logits
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
+from ..mask_head import mask_losses
 from ..registry import MODELS
 from .inputs import sample_references, splice_features
+from .masks import CitedRegions, cited_regions, first_citations, logits_to_rle, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
 from .perception_cache import PerceptionCache
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
-CONSUMER_ROLES = ("proposer", "region", "image")
+TOKEN_AVERAGES = ("global", "local")
+CONSUMER_ROLES = ("proposer", "region", "image", "mask")
 
 
 @MODELS.register_module()
@@ -38,7 +42,10 @@ class GromaPX(BaseModel):
     ``forward`` modes: ``loss`` -> ``{"loss": next-token CE over text and region-index tokens,
     "region_acc": ...}``; ``predict`` -> data samples with ``pred_response``
     (:class:`GroundedResponse`, boxes in original pixels), ``pred_text``, ``kept_boxes`` and
-    ``gt_boxes_original``; ``tensor`` -> ``{"logits", "region_tokens"}``.
+    ``gt_boxes_original``; ``tensor`` -> ``{"logits", "region_tokens"}``. With a mask head,
+    ``loss`` adds ``loss_mask_bce`` and ``loss_mask_dice`` over the assistant citations whose
+    region has a ground-truth mask, and every cited region of a ``pred_response`` carries its
+    mask (COCO RLE in original pixels).
 
     Args:
         backbone: ``VisionBackbone`` config (shared by proposer, region encoder, image tokens).
@@ -49,8 +56,8 @@ class GromaPX(BaseModel):
         tokenizer: Local tokenizer directory holding the grounding tokens.
         selector: ``RegionSelector`` config; ``top_k`` must not exceed the region tokens.
         layout: Region block layout, ``"pair"`` (Groma) or ``"fused"``. Defaults to "pair".
-        consumers: Backbone output feeding each role (``proposer``, ``region``, ``image``).
-            Defaults to "proposer" for all three (one shared pyramid).
+        consumers: Backbone output feeding each role (``proposer``, ``region``, ``image``,
+            ``mask``). Defaults to "proposer" for all (one shared pyramid).
         frozen: Sub-module names (dotted paths allowed) whose parameters do not train and stay
             in eval mode. Defaults to ("backbone", "proposer").
         max_new_tokens: Generation limit in ``predict``. Defaults to 64.
@@ -69,6 +76,13 @@ class GromaPX(BaseModel):
             against region i's prompt-slot state and feature). Defaults to "linear".
         region_pointer: Keyword arguments of ``RegionPointerHead`` (``dim``, ``phrase_query``)
             when ``region_head="pointer"``. Defaults to None.
+        token_average: Normalise the loss by the supervised tokens of the ``"global"`` batch
+            (all data-parallel ranks: the gradient then equals one process's on the whole
+            batch) or of each rank's ``"local"`` one. Same on one process. Defaults to "global".
+        mask_head: Mask head config (``QueryMaskHead``, ``LLMMaskHead``); widths and levels
+            are derived. None: boxes only. Defaults to None.
+        mask_loss: Keyword arguments of ``mask_losses`` (``num_points``, ``bce_weight``,
+            ``dice_weight``). Defaults to None (its defaults).
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -92,6 +106,9 @@ class GromaPX(BaseModel):
         region_loss_weight: float = 1.0,
         region_head: str = "linear",
         region_pointer: dict | None = None,
+        token_average: str = "global",
+        mask_head: dict | None = None,
+        mask_loss: dict | None = None,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -127,8 +144,15 @@ class GromaPX(BaseModel):
         if region_head not in REGION_HEADS:
             raise ValueError(f"region_head must be one of {REGION_HEADS}, got {region_head!r}")
         self.region_head = region_head
+        if token_average not in TOKEN_AVERAGES:
+            raise ValueError(
+                f"token_average must be one of {TOKEN_AVERAGES}, got {token_average!r}"
+            )
+        self.token_average = token_average
         if region_head == "pointer":
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
+        self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
+        self.mask_loss = dict(mask_loss or {})
         self.register_buffer(
             "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
         )
@@ -164,13 +188,20 @@ class GromaPX(BaseModel):
             cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
         return cfg
 
+    def _mask_head_cfg(self, cfg: dict) -> dict:
+        consumer = self.consumers["mask"]
+        cfg = dict(cfg, region_dim=self.llm.hidden_size)
+        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
+        cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
+        return cfg
+
     def _build_cache(self) -> PerceptionCache:
         if not {"backbone", "proposer"} <= set(self.frozen):
             raise ValueError(
                 "cache_perception=True needs 'backbone' and 'proposer' in frozen (cached "
                 f"features of trained modules would go stale); frozen={self.frozen}"
             )
-        return PerceptionCache([self.consumers["region"], self.consumers["image"]])
+        return PerceptionCache([self.consumers[role] for role in ("region", "image", "mask")])
 
     def _freeze(self) -> None:
         for name in self.frozen:
@@ -330,10 +361,57 @@ class GromaPX(BaseModel):
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
         logits = self._with_region_logits(out.logits, out.hidden_states, batch)
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        losses = next_token_loss(logits, labels, self._region_cols, self.region_loss_weight)
+        losses = next_token_loss(
+            logits[:, :-1].float(),
+            batch["labels"][:, 1:],
+            self._region_cols,
+            self.region_loss_weight,
+            global_average=self.token_average == "global",
+        )
+        if self.mask_head is not None:
+            cited = cited_regions(data_samples, perception, batch["labels"], self._region_cols)
+            hidden = out.hidden_states[cited.batch_index, cited.positions - 1]
+            mask_logits = self._mask_logits(perception, batch, inputs, cited, hidden)
+            targets, extents = padded_targets(
+                data_samples, cited, valid_sizes, tuple(inputs.shape[-2:])
+            )
+            losses.update(mask_losses(mask_logits, targets, extents, **self.mask_loss))
         return losses
+
+    def _mask_logits(
+        self,
+        perception: Perception,
+        batch: dict[str, Any],
+        inputs: Tensor,
+        cited: Any,
+        hidden: Tensor,
+    ) -> Tensor:
+        """(N, h, w) mask logits of the cited kept rows (``cited.batch_index``, ``cited.rows``)
+        over the padded input, from the mask pyramid and the regions' tokens."""
+        offsets = torch.tensor([0] + batch["num_regions"], device=inputs.device).cumsum(0)[:-1]
+        region_feats = batch["region_feats"][offsets[cited.batch_index] + cited.rows]
+        height, width = inputs.shape[-2:]
+        sizes = perception.pyramids[self.consumers["mask"]].valid_sizes
+        if sizes is None:
+            sizes = torch.tensor([[height, width]] * len(inputs), device=inputs.device)
+        scale = sizes.flip(-1).repeat(1, 2).to(hidden.dtype)  # (B, 4): w, h, w, h
+        boxes = (
+            torch.stack(
+                [
+                    perception.selections[b].boxes[r]
+                    for b, r in zip(cited.batch_index.tolist(), cited.rows.tolist(), strict=True)
+                ]
+            )
+            if len(cited)
+            else hidden.new_zeros(0, 4)
+        )
+        boxes = boxes.to(hidden.dtype) * scale[cited.batch_index]
+        pixels = self.mask_head.pixel_embeddings(
+            perception.pyramids[self.consumers["mask"]], inputs.to(hidden.dtype)
+        )
+        return self.mask_head(
+            pixels, cited.batch_index, boxes, region_feats, (height, width), hidden=hidden
+        )
 
     def _with_region_logits(
         self,
@@ -384,14 +462,48 @@ class GromaPX(BaseModel):
             pad_token_id=self._pad_id,
             logits_fn=self._decode_logits_fn(batch),
         )
+        masks = self._predict_masks(perception, batch, inputs, generated, data_samples)
         for b, sample in enumerate(data_samples):
             regions, kept = kept_regions(perception.selections[b], sample, valid_sizes[b])
+            for row, rle in masks[b].items():
+                regions[row] = dataclasses.replace(regions[row], mask=rle)
             raw = self._decode(generated.tokens[b])
             sample.pred_response = parse_grounded_text(raw, regions, vocab=self.vocab)
             sample.pred_text = sample.pred_response.text
             sample.kept_boxes = kept
             sample.gt_boxes_original = to_original_boxes(sample.gt_boxes.float(), sample.metainfo)
         return data_samples
+
+    def _predict_masks(
+        self,
+        perception: Perception,
+        batch: dict[str, Any],
+        inputs: Tensor,
+        generated: Any,
+        data_samples: list[BaseDataElement],
+    ) -> list[dict[int, dict]]:
+        """Per sample, ``{kept row: RLE in original pixels}`` of every region it cites (the
+        hidden state at the first citation conditions the mask)."""
+        out: list[dict[int, dict]] = [{} for _ in data_samples]
+        if self.mask_head is None:
+            return out
+        found = [
+            (b, row, step)
+            for b, tokens in enumerate(generated.tokens)
+            for row, step in first_citations(tokens, self._region_cols, batch["num_regions"][b])
+        ]
+        if not found:
+            return out
+        b_idx, rows, steps = (
+            torch.tensor(v, device=inputs.device) for v in zip(*found, strict=True)
+        )
+        cited = CitedRegions(b_idx, rows, rows, steps)
+        hidden = generated.hidden_states[b_idx, steps]
+        logits = self._mask_logits(perception, batch, inputs, cited, hidden)
+        padded = tuple(inputs.shape[-2:])
+        for (b, row, _), mask in zip(found, logits.float(), strict=True):
+            out[b][row] = logits_to_rle(mask, padded, data_samples[b].metainfo)
+        return out
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
         """The per-step logits hook of generation (None for the linear region head)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from mmengine.structures import BaseDataElement
 from torch import Tensor
@@ -82,7 +83,12 @@ def padded_region_tokens(perception: Perception, batch: dict[str, Tensor]) -> Re
 
 
 def next_token_loss(
-    logits: Tensor, labels: Tensor, region_ids: Tensor, region_weight: float
+    logits: Tensor,
+    labels: Tensor,
+    region_ids: Tensor,
+    region_weight: float,
+    *,
+    global_average: bool = False,
 ) -> dict[str, Tensor]:
     """Token-averaged cross-entropy with ``<ri>`` targets weighted ``region_weight``, and the
     teacher-forced share of ``<ri>`` targets predicted exactly (``region_acc``, a diagnostic).
@@ -92,6 +98,11 @@ def next_token_loss(
         labels: (B, L) target ids, ``IGNORE_INDEX`` where unsupervised.
         region_ids: (K,) ids of ``<r0>`` ... ``<r{K-1}>``.
         region_weight: Weight of region targets (1.0: plain CE).
+        global_average: Divide by the mean over data-parallel ranks of the (weighted) number of
+            supervised tokens instead of this rank's own: DDP/FSDP then average gradients to
+            those of the mean over every token of the global batch, as one process with the
+            whole batch computes; a per-rank mean would weight a rank's tokens by the inverse of
+            its token count. Identical without an initialised process group. Defaults to False.
     """
     flat = labels.reshape(-1)
     per_token = F.cross_entropy(
@@ -101,7 +112,11 @@ def next_token_loss(
     is_region = torch.isin(flat, region_ids.to(flat.device))
     if region_weight != 1.0:
         weights = torch.where(is_region, weights * region_weight, weights)
-    loss = (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+    count = weights.sum().detach()
+    if global_average and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    loss = (per_token * weights).sum() / count.clamp(min=1.0)
     if bool(is_region.any()):
         hits = logits.reshape(-1, logits.shape[-1]).argmax(-1)[is_region] == flat[is_region]
         accuracy = hits.float().mean().detach()
