@@ -11,6 +11,9 @@ Measures, on prompts built from synthetic test images:
 2. Prefill breakdown: time in backbone + proposer, selector, region encoder, image tokens and
    the LLM prefill forward; the share of proposer + selector + region encoder.
 3. LLM positions per image for the ``pair`` and ``fused`` layouts at K = 100 region tokens.
+4. With a mask head: its time per cited region (pixel embeddings, mask logits and the RLE in
+   original pixels, for one citation per sample) against the time of a whole answer per sample
+   (``predict``: perception, prefill, decoding, masks), and their ratio.
 """
 
 from __future__ import annotations
@@ -97,6 +100,42 @@ def prefill(model: torch.nn.Module, batch: dict) -> tuple[dict, dict[str, float]
 
 
 @torch.no_grad()
+def mask_costs(model: torch.nn.Module, batch: dict, repeats: int) -> dict | None:
+    """Seconds of the mask head per cited region vs seconds of a whole answer per sample."""
+    if getattr(model, "mask_head", None) is None:
+        return None
+    from groma_px.models.masks import CitedRegions, logits_to_rle
+
+    data = model.data_preprocessor(batch, False)
+    inputs, samples, sizes = data["inputs"], data["data_samples"], data["valid_sizes"]
+    perception = model.perceive(inputs, samples, sizes)
+    prompt = model._embed(perception, samples, padding_side="left")
+    n = len(samples)
+    zeros = torch.zeros(n, dtype=torch.long)
+    cited = CitedRegions(torch.arange(n), zeros, zeros, zeros)  # row 0 of every sample
+    hidden = torch.randn(n, model.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    padded = tuple(inputs.shape[-2:])
+
+    def masks() -> None:
+        logits = model._mask_logits(perception, prompt, inputs, cited, hidden)
+        for mask, sample in zip(logits, samples, strict=True):
+            logits_to_rle(mask, padded, sample.metainfo)
+
+    def answers() -> None:
+        model.predict(inputs, samples, sizes)
+
+    masks(), answers()  # warm-up
+    per_region = statistics.median(timed(masks) for _ in range(repeats)) / n
+    per_answer = statistics.median(timed(answers) for _ in range(repeats)) / n
+    return {
+        "mask_head": type(model.mask_head).__name__,
+        "mask_seconds_per_cited_region": per_region,
+        "answer_seconds_per_sample": per_answer,
+        "mask_share_per_cited_region": per_region / per_answer,
+    }
+
+
+@torch.no_grad()
 def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats: int) -> dict:
     """Decode tokens/s of GromaPX generation and of the bare LLM, measured alternately."""
     embeds, mask = prompt["inputs_embeds"], prompt["attention_mask"]
@@ -175,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = sum(parts.values())
     perception = parts["backbone+proposer"] + parts["selector"] + parts["region_encoder"]
     decode = decode_rates(model, prompt, args.new_tokens, args.repeats)
+    masks = mask_costs(model, batch, args.repeats)
     positions = {
         layout: positions_per_image(model.num_image_tokens, 100, layout) for layout in LAYOUTS
     }
@@ -190,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill_share_proposer_selector_region_encoder": perception / total,
         "llm_positions_per_image_at_K100": positions,
         "num_image_tokens": model.num_image_tokens,
+        "mask": masks,
     }
     print(
         f"\ndecode ({decode['batch']} x {decode['prompt_length']}-token prompts, "
@@ -205,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nLLM positions per image at K = 100")
     for layout, n in positions.items():
         print(f"  {layout:<8} {n}")
+    if masks is not None:
+        print(f"\nmask head ({masks['mask_head']}, median seconds)")
+        print(f"  {'per cited region':<22} {masks['mask_seconds_per_cited_region']:>9.4f}")
+        print(f"  {'whole answer / sample':<22} {masks['answer_seconds_per_sample']:>9.4f}")
+        print(f"  {'share per region':<22} {masks['mask_share_per_cited_region']:>9.1%}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -14,6 +14,7 @@ import torch
 from mmengine.dataset import Compose, pseudo_collate
 from mmengine.registry import DefaultScope
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from ..data.schema import (
     ASSISTANT,
@@ -23,6 +24,7 @@ from ..data.schema import (
     REGION_PLACEHOLDERS,
     count_region_placeholders,
 )
+from ..region_encoder.prompts import mask_box
 from ..structures import GroundedResponse
 from .export import load_exported
 
@@ -77,8 +79,10 @@ class GroundedChat:
         return cls(model.to(device), pipeline)
 
     def start(self, image: ImageLike, regions: list[dict[str, Any]] | None = None) -> Conversation:
-        """A new conversation about ``image`` with user regions ``[{"box": [x0, y0, x1, y1]}]``
-        in original-image pixels."""
+        """A new conversation about ``image`` with user regions (visual prompts), each one of
+        ``{"box": [x0, y0, x1, y1]}``, ``{"point": (x, y)}`` or ``{"mask": array or RLE}`` in
+        original-image pixels. A point snaps to the best proposal containing it; a mask's
+        region is its tight box, mask-pooled (``RoIRegionEncoder``)."""
         path, width, height = self._image_file(image)
         checked = [_check_region(r, i, width, height) for i, r in enumerate(regions or [])]
         top_k = self.model.selector.top_k
@@ -176,8 +180,16 @@ def _replayable(raw_text: str) -> str:
 
 
 def _check_region(region: dict[str, Any], index: int, width: int, height: int) -> dict[str, Any]:
-    if not isinstance(region, dict) or "box" not in region:
-        raise ValueError(f"regions[{index}] must be a dict with a 'box' [x0, y0, x1, y1]")
+    kinds = [k for k in ("box", "point", "mask") if isinstance(region, dict) and k in region]
+    if len(kinds) != 1:
+        raise ValueError(
+            f"regions[{index}] must be a dict with exactly one of 'box' [x0, y0, x1, y1], "
+            f"'point' (x, y) or 'mask' (HxW array or COCO RLE), got {region!r:.80}"
+        )
+    if kinds[0] == "point":
+        return _check_point(region["point"], index, width, height)
+    if kinds[0] == "mask":
+        return _check_mask(region["mask"], index, width, height)
     box = [float(v) for v in region["box"]]
     if len(box) != 4 or not np.all(np.isfinite(box)):
         raise ValueError(f"regions[{index}].box must be 4 finite numbers, got {region['box']}")
@@ -188,3 +200,45 @@ def _check_region(region: dict[str, Any], index: int, width: int, height: int) -
             f"0 <= y0 < y1 <= {height} (original-image pixels, xyxy)"
         )
     return {"box": box}
+
+
+def _check_point(point: Any, index: int, width: int, height: int) -> dict[str, Any]:
+    xy = [float(v) for v in np.asarray(point, dtype=float).reshape(-1)]
+    if len(xy) != 2 or not np.all(np.isfinite(xy)):
+        raise ValueError(f"regions[{index}].point must be 2 finite numbers (x, y), got {point}")
+    x, y = xy
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(
+            f"regions[{index}].point {xy} lies outside the {width}x{height} image "
+            "(original-image pixels)"
+        )
+    # A one-pixel placeholder box; the model snaps the point to a proposal.
+    box = [x - 0.5, y - 0.5, x + 0.5, y + 0.5]
+    box = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], width), min(box[3], height)]
+    return {"box": box, "point": xy, "prompt": "point"}
+
+
+def _check_mask(mask: Any, index: int, width: int, height: int) -> dict[str, Any]:
+    if isinstance(mask, dict):
+        if list(mask.get("size", [])) != [height, width]:
+            raise ValueError(
+                f"regions[{index}].mask RLE has size {mask.get('size')}, the image is "
+                f"[{height}, {width}] (height, width)"
+            )
+        try:
+            array = mask_utils.decode(mask)
+        except Exception as exc:
+            raise ValueError(f"regions[{index}].mask is not a decodable COCO RLE: {exc}") from exc
+    else:
+        array = np.asarray(mask)
+        if array.shape != (height, width):
+            raise ValueError(
+                f"regions[{index}].mask has shape {array.shape}, the image is ({height}, {width})"
+            )
+    binary = np.asfortranarray(array.astype(bool).astype(np.uint8))
+    if not binary.any():
+        raise ValueError(f"regions[{index}].mask is empty")
+    box = [float(v) for v in mask_box(torch.from_numpy(binary.astype(bool))).tolist()]
+    rle = mask_utils.encode(binary)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"box": box, "mask": rle, "prompt": "mask"}

@@ -23,6 +23,7 @@ from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
 from ..mask_head import mask_losses
+from ..region_encoder.prompts import snap_points
 from ..registry import MODELS
 from .inputs import sample_references, splice_features
 from .masks import CitedRegions, cited_regions, first_citations, logits_to_rle, padded_targets
@@ -83,6 +84,9 @@ class GromaPX(BaseModel):
             are derived. None: boxes only. Defaults to None.
         mask_loss: Keyword arguments of ``mask_losses`` (``num_points``, ``bce_weight``,
             ``dice_weight``). Defaults to None (its defaults).
+        point_box_size: Side (share of the image) of the box a point prompt gets when no
+            proposal contains it; otherwise it snaps to the best proposal containing it.
+            Defaults to 0.1.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -109,6 +113,7 @@ class GromaPX(BaseModel):
         token_average: str = "global",
         mask_head: dict | None = None,
         mask_loss: dict | None = None,
+        point_box_size: float = 0.1,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -153,6 +158,7 @@ class GromaPX(BaseModel):
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
+        self.point_box_size = float(point_box_size)
         self.register_buffer(
             "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
         )
@@ -262,16 +268,19 @@ class GromaPX(BaseModel):
         references = [
             sample_references(s, size) for s, size in zip(data_samples, valid_sizes, strict=True)
         ]
-        selections = [
-            self.selector(
-                proposals.boxes[b][proposals.valid[b]],
-                proposals.scores[b][proposals.valid[b]],
-                user_boxes=ref.user_boxes,
-                gt_boxes=ref.gt_boxes,
-                training=self.training,
+        selections = []
+        for b, ref in enumerate(references):
+            boxes = proposals.boxes[b][proposals.valid[b]]
+            scores = proposals.scores[b][proposals.valid[b]]
+            selections.append(
+                self.selector(
+                    boxes,
+                    scores,
+                    user_boxes=self._user_boxes(ref, boxes, scores),
+                    gt_boxes=ref.gt_boxes,
+                    training=self.training,
+                )
             )
-            for b, ref in enumerate(references)
-        ]
         return Perception(pyramids, proposals, selections, references, image)
 
     def _propose(
@@ -292,11 +301,35 @@ class GromaPX(BaseModel):
             proposals = self.proposer(pyramids[self.consumers["proposer"]], gt)
         return pyramids, proposals
 
+    def _user_boxes(self, ref: Any, boxes: Tensor, scores: Tensor) -> Tensor:
+        """The user boxes, point prompts snapped to a proposal (``snap_points``)."""
+        if ref.user_points is None or not bool(torch.isfinite(ref.user_points[:, 0]).any()):
+            return ref.user_boxes
+        is_point = torch.isfinite(ref.user_points[:, 0])
+        snapped = snap_points(
+            ref.user_points[is_point], boxes, scores, fallback_size=self.point_box_size
+        )
+        user = ref.user_boxes.clone()
+        user[is_point] = snapped.to(user)
+        return user
+
     def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:
-        """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows."""
+        """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows
+        (mask prompts are mask-pooled)."""
         boxes = [sel.boxes for sel in perception.selections]
+        masks = [
+            {
+                int(sel.ref_to_region[u]): mask
+                for u, mask in enumerate(ref.user_masks)
+                if mask is not None and int(sel.ref_to_region[u]) >= 0
+            }
+            for sel, ref in zip(perception.selections, perception.references, strict=True)
+        ]
         feats = self.region_encoder(
-            perception.pyramids[self.consumers["region"]], boxes, image=perception.image
+            perception.pyramids[self.consumers["region"]],
+            boxes,
+            image=perception.image,
+            **({"masks": masks} if any(masks) else {}),
         )
         counts = torch.tensor([len(b) for b in boxes], device=feats.device)
         offsets = torch.cumsum(counts, 0) - counts

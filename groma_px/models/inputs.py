@@ -20,12 +20,16 @@ class SampleReferences:
         gt_boxes: (G, 4) normalised xyxy of regions cited only in assistant turns (targets).
         record_ids: (U + G,) record-region index of each box above, user boxes first.
         placeholder_ids: (P,) record-region index cited by each placeholder, in order.
+        user_points: (U, 2) normalised (x, y) of point prompts; NaN for other user regions.
+        user_masks: Per user region, its (h, w) bool mask for a mask prompt, else None.
     """
 
     user_boxes: Tensor
     gt_boxes: Tensor
     record_ids: Tensor
     placeholder_ids: Tensor
+    user_points: Tensor | None = None
+    user_masks: tuple[Tensor | None, ...] = ()
 
     def placeholder_rows(self, ref_to_region: Tensor) -> Tensor:
         """(P,) kept-region row of each placeholder, given the selector's (U + G,) mapping."""
@@ -45,6 +49,10 @@ def sample_references(sample: BaseDataElement, valid_size: Tensor) -> SampleRefe
     A region cited in a human turn is a user region (kept with score 1.0), even when the answer
     cites it again; a region cited only by the assistant is a ground-truth target.
 
+    A user region is a box prompt unless ``metainfo["region_prompts"][i]`` says otherwise:
+    ``{"kind": "point", "point": [x, y]}`` (original pixels; mapped through ``affine``) or
+    ``{"kind": "mask"}`` (its mask is row i of ``gt_masks``; its box is the record's box).
+
     Args:
         sample: Packed data sample with ``gt_boxes`` (M, 4) abs xyxy, ``ref_regions`` (P,) and
             ``ref_is_user`` (P,).
@@ -63,12 +71,43 @@ def sample_references(sample: BaseDataElement, valid_size: Tensor) -> SampleRefe
             f"{num_regions} regions"
         )
     device = boxes.device
+    points, masks = _prompts(sample, user_ids, valid_size)
     return SampleReferences(
         user_boxes=boxes[torch.tensor(user_ids, dtype=torch.long, device=device)].reshape(-1, 4),
         gt_boxes=boxes[torch.tensor(gt_ids, dtype=torch.long, device=device)].reshape(-1, 4),
         record_ids=torch.tensor(user_ids + gt_ids, dtype=torch.long, device=device),
         placeholder_ids=refs,
+        user_points=points.to(device),
+        user_masks=masks,
     )
+
+
+def _prompts(
+    sample: BaseDataElement, user_ids: list[int], valid_size: Tensor
+) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """Normalised points (NaN where none) and masks (None where none) of the user regions."""
+    prompts = sample.metainfo.get("region_prompts") or []
+    points = torch.full((len(user_ids), 2), float("nan"))
+    masks: list[Tensor | None] = [None] * len(user_ids)
+    sample_id = sample.metainfo.get("sample_id")
+    for u, region in enumerate(user_ids):
+        prompt = prompts[region] if region < len(prompts) else None
+        kind = (prompt or {}).get("kind", "box")
+        if kind == "point":
+            ax, bx, ay, by = sample.metainfo.get("affine", (1.0, 0.0, 1.0, 0.0))
+            x, y = (float(v) for v in prompt["point"])
+            h, w = (float(v) for v in valid_size)
+            points[u] = torch.tensor([(ax * x + bx) / w, (ay * y + by) / h]).clamp(0.0, 1.0)
+        elif kind == "mask":
+            if "gt_masks" not in sample:
+                raise ValueError(
+                    f"sample {sample_id!r}: region {region} is a mask prompt but the sample has "
+                    "no gt_masks (load them with LoadGroundedRecord(with_mask=True))"
+                )
+            masks[u] = sample.gt_masks[region].bool()
+        elif kind != "box":
+            raise ValueError(f"sample {sample_id!r}: region {region} has prompt kind {kind!r}")
+    return points, tuple(masks)
 
 
 def _unique_in_order(values: list[int]) -> list[int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -194,7 +194,11 @@ class RoIRegionEncoder(nn.Module):
         )
 
     def forward(
-        self, pyramid: FeaturePyramid, boxes: list[Tensor], image: Tensor | None = None
+        self,
+        pyramid: FeaturePyramid,
+        boxes: list[Tensor],
+        image: Tensor | None = None,
+        masks: Sequence[Mapping[int, Tensor]] | None = None,
     ) -> Tensor:
         """Encodes the regions of a batch.
 
@@ -203,6 +207,10 @@ class RoIRegionEncoder(nn.Module):
             boxes: ``boxes[b]`` is (K_b, 4) normalised xyxy of the unpadded image b.
             image: (B, 3, H, W) normalised padded input batch the pyramid was computed from;
                 required when ``pixel_roi_size > 0``, ignored otherwise.
+            masks: Optional mask prompts: ``masks[b]`` maps a region row of image b to a (h, w)
+                mask of the unpadded image. Such a region is mask-pooled: every RoI cell (of
+                each level and of the pixel branch) is weighted by the share of the cell the
+                mask covers, so only the masked pixels inform its token.
 
         Returns:
             (sum K_b, out_dim) region tokens in batch order. With no regions at all this is
@@ -218,14 +226,60 @@ class RoIRegionEncoder(nn.Module):
             legacy_groma_roi=self.legacy_groma_roi,
         )
         projected = [proj(p) for proj, p in zip(self.level_proj, pooled, strict=True)]
+        if masks is not None and any(masks):
+            weights = self._mask_weights(pyramid, boxes, masks, self.roi_size)
+            projected = [p * weights.to(p.dtype) for p in projected]
         # (K, hidden, r, r) per level -> (K, hidden or L * hidden, r, r)
         fused = sum(projected) if self.fusion == "sum" else torch.cat(projected, dim=1)
         tokens = self.head(fused.flatten(1))
         if self.box_embed is not None:
             tokens = tokens + self.box_embed(box_features(torch.cat(boxes)).to(tokens.dtype))
         if self.pixel_head is not None:
-            tokens = tokens + self.pixel_head(self._pool_pixels(pyramid, boxes, image))
+            pixels = self._pool_pixels(pyramid, boxes, image)
+            if masks is not None and any(masks):
+                weights = self._mask_weights(pyramid, boxes, masks, self.pixel_roi_size)
+                pixels = (pixels.unflatten(1, (3, -1)) * weights.flatten(2)).flatten(1)
+            tokens = tokens + self.pixel_head(pixels)
         return tokens
+
+    def _mask_weights(
+        self,
+        pyramid: FeaturePyramid,
+        boxes: list[Tensor],
+        masks: Sequence[Mapping[int, Tensor]],
+        size: int,
+    ) -> Tensor:
+        """(sum K_b, 1, size, size) share of each RoI cell inside the region's mask prompt (1
+        for regions without one)."""
+        if len(masks) != len(boxes):
+            raise ValueError(f"got masks for {len(masks)} images, boxes for {len(boxes)}")
+        rois = regions_to_pixels(pyramid, boxes, legacy_groma_roi=self.legacy_groma_roi)
+        counts = [len(b) for b in boxes]
+        like = pyramid.maps[0]
+        weights = like.new_ones(sum(counts), 1, size, size)
+        height, width = pyramid.image_size
+        start = 0
+        for b, (per_image, count) in enumerate(zip(masks, counts, strict=True)):
+            for row, mask in per_image.items():
+                if not 0 <= row < count:
+                    raise ValueError(f"masks[{b}] has row {row}; image {b} has {count} regions")
+                h, w = mask.shape[-2:]
+                if h > height or w > width:
+                    raise ValueError(
+                        f"masks[{b}][{row}] is {h}x{w}, larger than the {height}x{width} input"
+                    )
+                canvas = like.new_zeros(1, 1, height, width)
+                canvas[0, 0, :h, :w] = mask.to(like.dtype)
+                weights[start + row] = roi_align(
+                    canvas,
+                    [rois[b][row : row + 1].to(like.dtype)],
+                    output_size=size,
+                    spatial_scale=1.0,
+                    sampling_ratio=self.sampling_ratio,
+                    aligned=True,
+                )[0]
+            start += count
+        return weights
 
     def _pool_pixels(self, pyramid: FeaturePyramid, boxes: list[Tensor], image: Tensor | None):
         """(sum K_b, 3 * p * p) RoIAlign of each region on the input image (stride 1)."""
