@@ -61,14 +61,14 @@ class QueryMaskHead(nn.Module):
     ``mask_stride`` and summed with a 2-conv stem on the normalised input image (stride
     ``mask_stride``), then a 3x3 conv. Per region n (image ``b_n``, normalised box, region token
     ``f_n``): the pixel embeddings of ``b_n`` plus an embedding of each pixel's coordinates
-    relative to the box (``(x - cx) / w``, ``(y - cy) / h``), a 3x3 conv, then the dot product
+    relative to the box (``(x - cx) / w``, ``(y - cy) / h``), a 1x1 conv, then the dot product
     with ``q_n = MLP(f_n)`` (+ a learned bias) gives the logits.
 
     Args:
         in_channels: Channels of the pyramid levels.
         num_levels: Levels in the pyramid (checked in ``forward``).
         region_dim: Width of the region tokens (the LLM's hidden size).
-        embed_dim: Width of the pixel and query embeddings. Defaults to 64.
+        embed_dim: Width of the pixel and query embeddings. Defaults to 32.
         levels: Pyramid levels fused into the pixel embeddings. Defaults to (0,) (the finest).
         mask_stride: Input pixels per mask-logit cell (a power of two). Defaults to 4.
         image_stem: Add the convolutional stem on the input image. Defaults to True.
@@ -83,7 +83,7 @@ class QueryMaskHead(nn.Module):
         in_channels: int,
         num_levels: int,
         region_dim: int,
-        embed_dim: int = 64,
+        embed_dim: int = 32,
         levels: Sequence[int] = (0,),
         mask_stride: int = 4,
         image_stem: bool = True,
@@ -109,9 +109,7 @@ class QueryMaskHead(nn.Module):
             )
         self.pixel_out = _conv(embed_dim, embed_dim)
         self.rel_embed = nn.Conv2d(2, embed_dim, 1)
-        self.region_conv = nn.Sequential(
-            nn.GELU(), nn.Conv2d(embed_dim, embed_dim, 3, padding=1), nn.GELU()
-        )
+        self.region_conv = nn.Sequential(nn.GELU(), nn.Conv2d(embed_dim, embed_dim, 1), nn.GELU())
         self.query = _mlp(region_dim, hidden_dim, embed_dim)
         self.bias = nn.Parameter(torch.zeros(()))
 

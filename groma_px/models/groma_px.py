@@ -83,7 +83,8 @@ class GromaPX(BaseModel):
         mask_head: Mask head config (``QueryMaskHead``, ``LLMMaskHead``); widths and levels
             are derived. None: boxes only. Defaults to None.
         mask_loss: Keyword arguments of ``mask_losses`` (``num_points``, ``bce_weight``,
-            ``dice_weight``). Defaults to None (its defaults).
+            ``dice_weight``), and ``max_masks``: supervise at most this many citations per
+            batch (a random subset; None: all). Defaults to None (their defaults).
         point_box_size: Side (share of the image) of the box a point prompt gets when no
             proposal contains it; otherwise it snaps to the best proposal containing it.
             Defaults to 0.1.
@@ -158,6 +159,7 @@ class GromaPX(BaseModel):
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
+        self.max_masks = self.mask_loss.pop("max_masks", None)
         self.point_box_size = float(point_box_size)
         self.register_buffer(
             "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
@@ -403,6 +405,7 @@ class GromaPX(BaseModel):
         )
         if self.mask_head is not None:
             cited = cited_regions(data_samples, perception, batch["labels"], self._region_cols)
+            cited = cited.subset(self.max_masks)
             hidden = out.hidden_states[cited.batch_index, cited.positions - 1]
             mask_logits = self._mask_logits(perception, batch, inputs, cited, hidden)
             targets, extents = padded_targets(

@@ -36,6 +36,15 @@ class CitedRegions:
     def __len__(self) -> int:
         return int(self.batch_index.numel())
 
+    def subset(self, limit: int | None) -> CitedRegions:
+        """At most ``limit`` citations, drawn at random (torch's global RNG), in batch order."""
+        if limit is None or len(self) <= limit:
+            return self
+        keep = torch.randperm(len(self), device=self.batch_index.device)[:limit].sort().values
+        return CitedRegions(
+            self.batch_index[keep], self.rows[keep], self.gt_index[keep], self.positions[keep]
+        )
+
 
 def cited_regions(
     data_samples: list[BaseDataElement],

@@ -154,7 +154,11 @@ def test_groma_px_mask_loss_trains_the_head_and_predict_attaches_masks(
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     assert all(p.grad is not None for p in model.mask_head.parameters())
     # Without gt_masks there is nothing to supervise (zero, still in the graph).
-    plain = model(**model.data_preprocessor(make_batch((0, 10)), True), mode="loss")
+    batch = make_batch((0, 10))
+    for sample in batch["data_samples"]:
+        if "gt_masks" in sample:
+            del sample.gt_masks
+    plain = model(**model.data_preprocessor(batch, True), mode="loss")
     assert float(plain["loss_mask_bce"]) == 0.0
 
     model.eval()
@@ -169,3 +173,14 @@ def test_groma_px_mask_loss_trains_the_head_and_predict_attaches_masks(
     assert sorted(masks[0]) == [0, 1] and masks[1] == {}
     h, w = data["data_samples"][0].metainfo["ori_shape"]
     assert mask_utils.decode(masks[0][1]).shape == (h, w)
+
+
+def test_cited_subset_keeps_at_most_the_limit_in_batch_order():
+    from groma_px.models.masks import CitedRegions
+
+    cited = CitedRegions(*(torch.arange(10) for _ in range(4)))
+    torch.manual_seed(0)
+    sub = cited.subset(4)
+    assert len(sub) == 4 and torch.equal(sub.batch_index, sub.batch_index.sort().values)
+    assert torch.equal(sub.rows, sub.gt_index) and cited.subset(None) is cited
+    assert cited.subset(20) is cited
