@@ -25,7 +25,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from groma_px.data import GroundedConversationDataset
-from groma_px.data.synthetic import generate_dataset
+from groma_px.data.synthetic import GENERATOR_VERSION, generate_dataset
 from groma_px.engine.stages import (
     chat_config,
     draw_predictions,
@@ -95,8 +95,10 @@ def _existing_data(data_root: Path, args: argparse.Namespace) -> dict | None:
     meta = json.loads(meta_file.read_text())
     wanted = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     splits = meta.get("splits", {})
-    same = meta.get("seed") == args.seed and all(
-        splits.get(k, {}).get("images") == n for k, n in wanted.items()
+    same = (
+        meta.get("seed") == args.seed
+        and meta.get("version") == GENERATOR_VERSION  # a newer generator adds tasks
+        and all(splits.get(k, {}).get("images") == n for k, n in wanted.items())
     )
     return meta if same and all((data_root / f"{k}.jsonl").is_file() for k in wanted) else None
 

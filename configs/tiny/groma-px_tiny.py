@@ -5,7 +5,7 @@ _base_ = ["../_base_/default_runtime.py", "../_base_/datasets/synthetic_chat.py"
 
 image_size = 64
 train_pipeline = [
-    dict(type="LoadGroundedRecord"),
+    dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(
@@ -16,7 +16,7 @@ train_pipeline = [
     ),
 ]
 test_pipeline = [
-    dict(type="LoadGroundedRecord"),
+    dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(

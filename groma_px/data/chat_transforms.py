@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
 from ..registry import TRANSFORMS
+from .masks import decode_rle
 from .schema import ASSISTANT, HUMAN
 from .templates import ConversationError, ConversationTemplate, EncodedConversation
 
@@ -22,20 +23,61 @@ MODES = ("train", "predict", "auto")
 
 @TRANSFORMS.register_module()
 class LoadGroundedRecord:
-    """Sets ``gt_bboxes`` and ``sample_id`` from a record of ``GroundedConversationDataset``.
+    """Sets ``gt_bboxes`` and ``sample_id`` (and optionally ``gt_masks``) from a record.
 
     ``gt_bboxes`` is (M, 4) float32 absolute xyxy of the original image, row ``i`` =
     ``regions[i]``, so the geometric transforms of ``region_proposer.pretrain.transforms`` move the
     boxes with the pixels. ``task``, ``source``, ``conversations`` and ``meta`` (``{}`` when absent)
     are kept for ``PackGroundedChatInputs``.
+
+    With ``with_mask=True`` every region's COCO RLE is decoded into ``gt_masks``, (M, H, W) uint8
+    of the original image (the record's ``height`` x ``width``), row ``i`` = ``regions[i]``, which
+    the geometric transforms move with the pixels too. A region without a ``mask`` gets an
+    all-zero row and ``gt_mask_valid[i] = False`` ((M,) bool), so that mask losses and metrics
+    skip it instead of learning "nothing here"; records never hold empty masks (the validator
+    rejects them), so a False row is the only empty one.
+
+    Args:
+        with_mask: Decode region masks. Defaults to False.
     """
+
+    def __init__(self, *, with_mask: bool = False) -> None:
+        self.with_mask = with_mask
 
     def __call__(self, results: Results) -> Results:
         boxes = [region["box"] for region in results["regions"]]
         results["gt_bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         results["sample_id"] = results["id"]
         results.setdefault("meta", {})
+        if self.with_mask:
+            results["gt_masks"], results["gt_mask_valid"] = _decode_region_masks(results)
         return results
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(with_mask={self.with_mask})"
+
+
+def _decode_region_masks(results: Results) -> tuple[np.ndarray, np.ndarray]:
+    """``(gt_masks (M, H, W) uint8, gt_mask_valid (M,) bool)`` of a record's regions.
+
+    Raises:
+        ValueError: If a region's RLE is not the record's ``height`` x ``width`` or does not
+            decode (names the record id and the region).
+    """
+    height, width = int(results["height"]), int(results["width"])
+    regions = results["regions"]
+    masks = np.zeros((len(regions), height, width), dtype=np.uint8)
+    valid = np.zeros(len(regions), dtype=bool)
+    for i, region in enumerate(regions):
+        rle = region.get("mask")
+        if rle is None:
+            continue
+        try:
+            masks[i] = decode_rle(rle, height, width)
+        except ValueError as exc:
+            raise ValueError(f"record {results['id']!r}: regions[{i}].mask: {exc}") from None
+        valid[i] = True
+    return masks, valid
 
 
 @functools.cache
@@ -61,11 +103,15 @@ class PackGroundedChatInputs:
     - ``ref_regions`` (P,) long record-region index cited by each placeholder of ``input_ids``, in
       order of appearance (from each turn's ``regions``).
     - ``ref_is_user`` (P,) bool, True for a placeholder of a human turn (a user/visual prompt).
+    - ``gt_masks`` (M, h, w) bool of the transformed (resized, unpadded) image, rows aligned with
+      ``gt_boxes``, and ``gt_mask_valid`` (M,) bool (False: the region has no mask): only when
+      the pipeline decoded masks (``LoadGroundedRecord(with_mask=True)``).
 
     Metainfo: ``sample_id``, ``task``, ``source``, ``img_path``, ``ori_shape``, ``img_shape``,
     ``affine``, ``flip``, ``meta``, ``answer`` (raw text of the last assistant turn, None if the
-    conversation ends with a human turn), ``answer_regions`` (its ``regions``) and ``question``
-    (the text of the last human turn, placeholders kept).
+    conversation ends with a human turn), ``answer_regions`` (its ``regions``), ``question``
+    (the text of the last human turn, placeholders kept) and ``gt_masks_rle`` (per record region
+    its COCO RLE in original-image pixels, or None: what mask metrics score against).
 
     In predict mode ``input_ids`` stop after the last assistant prefix: the last answer and its
     placeholders are left out of ``input_ids`` and ``ref_regions`` and kept only as metainfo.
@@ -149,6 +195,7 @@ class PackGroundedChatInputs:
             question=humans[-1] if humans else None,
             answer=last["value"] if last is not None else None,
             answer_regions=list(last.get("regions", [])) if last is not None else [],
+            gt_masks_rle=[region.get("mask") for region in results["regions"]],
         )
         sample = BaseDataElement(
             metainfo=metainfo,
@@ -158,6 +205,8 @@ class PackGroundedChatInputs:
             ref_regions=torch.tensor(ref_regions, dtype=torch.long),
             ref_is_user=torch.tensor(ref_is_user, dtype=torch.bool),
         )
+        if "gt_masks" in results:
+            sample.gt_masks, sample.gt_mask_valid = _gt_masks(results, sample_id)
         img = torch.from_numpy(np.ascontiguousarray(results["img"].transpose(2, 0, 1)))
         return {"inputs": img, "data_samples": sample}
 
@@ -245,3 +294,18 @@ def _gt_boxes(results: Results, sample_id: Any) -> torch.Tensor:
             f"{len(results['regions'])} regions; do not use box-dropping transforms here"
         )
     return boxes
+
+
+def _gt_masks(results: Results, sample_id: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gt_masks (M, h, w) bool, gt_mask_valid (M,) bool)`` of the transformed image."""
+    masks = torch.from_numpy(np.ascontiguousarray(results["gt_masks"])).bool()
+    num_regions = len(results["regions"])
+    height, width = results["img"].shape[:2]
+    if masks.ndim != 3 or masks.shape[0] != num_regions or masks.shape[1:] != (height, width):
+        raise ValueError(
+            f"sample {sample_id!r}: gt_masks of shape {tuple(masks.shape)} after the transforms, "
+            f"expected ({num_regions}, {height}, {width}) (one mask per record region, image size)"
+        )
+    valid = results.get("gt_mask_valid")
+    valid = torch.ones(num_regions, dtype=torch.bool) if valid is None else torch.as_tensor(valid)
+    return masks, valid.bool().reshape(num_regions)

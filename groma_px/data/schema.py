@@ -13,6 +13,8 @@ format and ``GroundedConversationDataset`` reads it. A record::
         {"box": [x0, y0, x1, y1],               # absolute xyxy, pixel edges: 0 <= x0 < x1 <= width
          "category": "circle",                  # optional
          "mask": {"size": [h, w], "counts": "..."},  # optional COCO RLE (pycocotools, str counts)
+                                                # of the visible pixels, non-empty; left out for
+                                                # a region with none (fully occluded)
          "attributes": {"color": "red"}}        # optional, free-form
       ],
       "conversations": [                        # alternating turns, human first

@@ -1,8 +1,10 @@
-"""``BaseMetric`` subclasses: REC accuracy, grounded chat, counting, mask IoU."""
+"""``BaseMetric`` subclasses: REC accuracy, grounded chat, counting, referring segmentation and
+region-mask AP."""
 
 from .caption import GroundedCaptionMetric, RegionCaptionMetric, greedy_matches
 from .counting import CountingMetric
 from .rec import RECMetric
+from .res_metric import RegionMaskAPMetric, RESMetric
 from .task_metric import TaskMetric, cited_boxes
 from .text import caption_tokens, parse_count, strip_markup
 
@@ -11,6 +13,8 @@ __all__ = [
     "GroundedCaptionMetric",
     "RECMetric",
     "RegionCaptionMetric",
+    "RegionMaskAPMetric",
+    "RESMetric",
     "TaskMetric",
     "caption_tokens",
     "cited_boxes",

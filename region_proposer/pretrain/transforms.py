@@ -5,6 +5,13 @@ float32; ``results["img"]`` is an (H, W, 3) uint8 RGB array. ``affine`` = (ax, b
 records the composed per-axis map from original to current pixels
 (``x_cur = ax * x_orig + bx``; ``ax < 0`` after a flip), whatever the order of transforms, so
 predictions map back to the original image exactly (``to_original_boxes``).
+
+Optional instance masks, ``results["gt_masks"]`` (M, H, W) uint8 with row ``i`` the mask of box
+``i`` (and ``results["gt_mask_valid"]`` (M,) bool), move with the pixels too: resized by nearest
+neighbour to the image's new size, flipped and cropped with it, and dropped with their boxes.
+Boxes are never recomputed from masks: after a crop a box is its clipped box, which holds the
+tight box of its cropped mask (up to the half pixel of a nearest resize; equal to it when the
+object lies wholly inside the window and was not resized).
 """
 
 from __future__ import annotations
@@ -68,8 +75,11 @@ class Resize:
         scale = target / max(h, w)
         new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
         sx, sy = new_w / w, new_h / h
+        masks = _checked_masks(results)
         img = Image.fromarray(results["img"]).resize((new_w, new_h), Image.BILINEAR)
         results["img"] = np.asarray(img)
+        if masks is not None:
+            results["gt_masks"] = resize_masks_nearest(masks, new_h, new_w)
         results["img_shape"] = (new_h, new_w)
         results["gt_bboxes"] = results["gt_bboxes"] * np.array([sx, sy, sx, sy], dtype=np.float32)
         ax, bx, ay, by = results["affine"]
@@ -90,7 +100,10 @@ class RandomFlip:
         if np.random.rand() >= self.prob:
             return results
         width = results["img"].shape[1]
+        masks = _checked_masks(results)
         results["img"] = np.ascontiguousarray(results["img"][:, ::-1])
+        if masks is not None:
+            results["gt_masks"] = np.ascontiguousarray(masks[:, :, ::-1])
         boxes = results["gt_bboxes"].copy()
         boxes[:, [0, 2]] = width - results["gt_bboxes"][:, [2, 0]]
         results["gt_bboxes"] = boxes
@@ -105,7 +118,8 @@ class RandomCrop:
     """Crops a random window of ``crop_ratio`` x the image size with probability ``prob``.
 
     Boxes are clipped to the window; a box keeps only if at least ``min_area_ratio`` of its area
-    is inside (others are removed: the object is mostly outside the crop).
+    is inside (others are removed: the object is mostly outside the crop). Masks are cropped to
+    the same window and removed with their boxes.
     """
 
     def __init__(
@@ -129,6 +143,7 @@ class RandomCrop:
         ratio = np.random.uniform(*self.crop_ratio_range, size=2)
         ch, cw = max(1, int(h * ratio[0])), max(1, int(w * ratio[1]))
         y0, x0 = np.random.randint(0, h - ch + 1), np.random.randint(0, w - cw + 1)
+        masks = _checked_masks(results)
         results["img"] = np.ascontiguousarray(results["img"][y0 : y0 + ch, x0 : x0 + cw])
         results["img_shape"] = (ch, cw)
         boxes = results["gt_bboxes"] - np.array([x0, y0, x0, y0], dtype=np.float32)
@@ -139,9 +154,42 @@ class RandomCrop:
         kept_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
         keep = kept_area >= self.min_area_ratio * np.maximum(area, 1e-6)
         results["gt_bboxes"] = clipped[keep]
+        if masks is not None:
+            results["gt_masks"] = np.ascontiguousarray(masks[keep, y0 : y0 + ch, x0 : x0 + cw])
+        if "gt_mask_valid" in results:
+            results["gt_mask_valid"] = np.asarray(results["gt_mask_valid"])[keep]
         ax, bx, ay, by = results["affine"]
         results["affine"] = (ax, bx - x0, ay, by - y0)
         return results
+
+
+def resize_masks_nearest(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of (M, H, W) masks to (M, height, width).
+
+    Output pixel ``x`` takes input pixel ``floor((x + 0.5) * W / width)``: pixel centres map
+    through the same scale as the image and the boxes, so a mask reaches at most half an output
+    pixel beyond its scaled box. A part thinner than one input step can vanish when shrinking
+    (an occluded object's sliver), moving the mask's tight box inside the box: on the synthetic
+    scenes by up to 2.1 px at 224 px and 8 px at 64 px (measured on 300 scenes).
+    """
+    in_h, in_w = masks.shape[-2:]
+    rows = np.minimum(((np.arange(height) + 0.5) * (in_h / height)).astype(np.int64), in_h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * (in_w / width)).astype(np.int64), in_w - 1)
+    return np.ascontiguousarray(masks[:, rows[:, None], cols[None, :]])
+
+
+def _checked_masks(results: Results) -> np.ndarray | None:
+    """``results["gt_masks"]`` (None if absent), checked to cover the current image."""
+    masks = results.get("gt_masks")
+    if masks is None:
+        return None
+    img_hw = results["img"].shape[:2]
+    if masks.ndim != 3 or masks.shape[1:] != img_hw or len(masks) != len(results["gt_bboxes"]):
+        raise ValueError(
+            f"sample {results.get('sample_id')!r}: gt_masks of shape {masks.shape} do not match "
+            f"the image {img_hw} and {len(results['gt_bboxes'])} boxes (expected (M, H, W))"
+        )
+    return masks
 
 
 @TRANSFORMS.register_module()

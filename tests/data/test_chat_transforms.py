@@ -219,3 +219,93 @@ def test_bad_arguments_raise(root, kwargs, match):
 def test_missing_tokenizer_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer directory"):
         _ = PackGroundedChatInputs(tokenizer=str(tmp_path / "none")).tokenizer
+
+
+# ------------------------------------------------------------------------------ masks
+def _rect_rle(box, height=HEIGHT, width=WIDTH):
+    from groma_px.data.masks import encode_mask
+
+    mask = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask[y0:y1, x0:x1] = True
+    return encode_mask(mask)
+
+
+def _masked(record, masks=None):
+    """``record`` with region 0's exact rectangle mask (or ``masks``); region 1 has none."""
+    out = make_record(record)
+    masks = masks if masks is not None else [_rect_rle(BOXES[0]), None]
+    for region, rle in zip(out["regions"], masks, strict=True):
+        if rle is not None:
+            region["mask"] = rle
+    return out
+
+
+def _run_masked(root, results, **kwargs):
+    transforms = [LoadGroundedRecord(with_mask=True), LoadImage(), Resize(max_size=64)]
+    results = {**results, "img_path": str(root / "images" / "a.png")}
+    for transform in [*transforms, pack(root, **kwargs)]:
+        results = transform(results)
+    return results["data_samples"]
+
+
+def test_load_record_decodes_masks():
+    record = _masked(REC)
+    out = LoadGroundedRecord(with_mask=True)(copy.deepcopy(record))
+    assert out["gt_masks"].shape == (2, HEIGHT, WIDTH) and out["gt_masks"].dtype == np.uint8
+    ys, xs = np.nonzero(out["gt_masks"][0])
+    assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == BOXES[0]
+    assert not out["gt_masks"][1].any()  # no mask: an all-zero row, marked invalid
+    assert out["gt_mask_valid"].tolist() == [True, False]
+    assert "gt_masks" not in LoadGroundedRecord()(copy.deepcopy(record))
+    assert repr(LoadGroundedRecord(with_mask=True)) == "LoadGroundedRecord(with_mask=True)"
+    empty = LoadGroundedRecord(with_mask=True)({**make_record(REC), "regions": []})
+    assert empty["gt_masks"].shape == (0, HEIGHT, WIDTH) and empty["gt_mask_valid"].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("rle", "match"),
+    [
+        (_rect_rle(BOXES[1], HEIGHT + 1, WIDTH), r"size \[31, 41\] != image"),
+        ({"size": [HEIGHT, WIDTH], "counts": "zzzz"}, "counts holds characters outside"),
+        ({"size": [HEIGHT, WIDTH], "counts": "51"}, "counts cover 6 pixels"),
+        ({"size": [HEIGHT, WIDTH]}, "must be a COCO RLE object with 'size' and 'counts'"),
+    ],
+)
+def test_bad_mask_names_the_record_and_region(rle, match):
+    record = _masked(REC, [_rect_rle(BOXES[0]), rle])
+    with pytest.raises(ValueError, match=rf"record 'toy/0/rec': regions\[1\]\.mask: {match}"):
+        LoadGroundedRecord(with_mask=True)(record)
+
+
+def test_pack_masks_follow_the_resized_image(root):
+    record = _masked(REC)
+    sample = _run_masked(root, copy.deepcopy(record))
+    h, w = sample.img_shape
+    assert sample.gt_masks.shape == (2, h, w) and sample.gt_masks.dtype == torch.bool
+    assert sample.gt_mask_valid.tolist() == [True, False]
+    ys, xs = torch.nonzero(sample.gt_masks[0], as_tuple=True)
+    tight = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    assert (tight - sample.gt_boxes[0]).abs().max() <= 0.5  # nearest resize: half a pixel
+    assert not sample.gt_masks[1].any()
+    # The original RLEs travel as metainfo, for metrics at the original resolution.
+    assert sample.gt_masks_rle == [record["regions"][0]["mask"], None]
+    predict = _run_masked(root, copy.deepcopy(record), mode="predict")
+    assert torch.equal(predict.gt_masks, sample.gt_masks)
+
+
+def test_pack_without_masks_keeps_the_rles_only(root):
+    results = {**_masked(REC), "img_path": str(root / "images" / "a.png")}
+    for transform in pipeline(root):
+        results = transform(results)
+    sample = results["data_samples"]
+    assert "gt_masks" not in sample and "gt_mask_valid" not in sample
+    assert sample.gt_masks_rle[0]["size"] == [HEIGHT, WIDTH] and sample.gt_masks_rle[1] is None
+
+
+def test_pack_rejects_masks_not_matching_the_image(root):
+    base = {**_masked(REC), "img_path": str(root / "images" / "a.png")}
+    loaded = LoadImage()(LoadGroundedRecord(with_mask=True)(base))
+    loaded["gt_masks"] = loaded["gt_masks"][:, :, :-1]
+    with pytest.raises(ValueError, match=r"sample 'toy/0/rec': gt_masks of shape \(2, 30, 40\)"):
+        pack(root)(loaded)

@@ -106,6 +106,26 @@ BAD_CASES = {
         "regions[0].mask",
         "size [31, 40]",
     ),
+    "mask_undecodable": (
+        lambda r: r["regions"][0]["mask"].update(counts="zzzz"),
+        "regions[0].mask",
+        "outside the RLE alphabet",
+    ),
+    "mask_runs_short": (
+        lambda r: r["regions"][0]["mask"].update(counts=_rle(30, 39, (2, 3, 12, 13))["counts"]),
+        "regions[0].mask",
+        "counts cover 1170 pixels, not height * width = 1200",
+    ),
+    "mask_empty": (
+        lambda r: r["regions"][0].update(mask=_rle(30, 40, (0, 0, 0, 0))),
+        "regions[0].mask",
+        "empty mask",
+    ),
+    "mask_uncompressed": (
+        lambda r: r["regions"][0]["mask"].update(counts=[1200]),
+        "regions[0].mask",
+        "compressed RLE string",
+    ),
     "role_order": (
         lambda r: r["conversations"][0].update({"from": "gpt"}),
         "conversations[0].from",
@@ -187,3 +207,19 @@ def test_skip_does_not_mutate_input_records(root):
     ds = _load(root)
     stored = {k: v for k, v in ds.get_data_info(0).items() if k in snapshot}
     assert stored == snapshot
+
+
+def test_validate_data_cli_names_file_line_and_mask_field(root, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "tools" / "validate_data.py"
+    spec = importlib.util.spec_from_file_location("validate_data", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    bad = _bad(lambda r: r["regions"][0].update(mask=_rle(31, 40, (2, 3, 12, 13))))
+    path = _write(root, [_good_record(0), bad])
+    assert cli.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: regions[0].mask: size [31, 40] != image [height, width] [30, 40]" in out
+    assert "1 good records (rec: 1), 1 bad" in out

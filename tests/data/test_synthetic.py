@@ -28,6 +28,7 @@ from groma_px.data.synthetic import (
     Scene,
     SceneObject,
     compose_scene,
+    encode_mask,
     find_unique_expression,
     generate_dataset,
     image_rng,
@@ -39,6 +40,7 @@ from groma_px.data.synthetic import (
 )
 from groma_px.data.synthetic.expressions import RELATION_PHRASES
 from groma_px.data.synthetic.scene import PIXEL_NOISE
+from groma_px.data.synthetic.tasks import RES_QUESTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES_NUM = (6, 3, 3)
@@ -200,7 +202,7 @@ def test_relation_boundaries(relation, box_b, holds):
 
 
 def test_generated_rec_expressions_recheck(dataset):
-    for record in (r for r in _all_records(dataset) if r["task"] == "rec"):
+    for record in (r for r in _all_records(dataset) if r["task"] in ("rec", "res")):
         expression = _parse(record["meta"]["expression"])
         scene = _scene_from_record(record)
         assert expression.matches(scene) == record["meta"]["target"]
@@ -242,7 +244,7 @@ def test_counting_and_multi_grounding_answers(dataset):
             assert len(true) >= 2
             assert record["conversations"][1]["regions"] == true == record["meta"]["target"]
     assert tasks_seen == {"rec", "multi_grounding", "region_caption", "grounded_caption",
-                          "counting"}
+                          "counting", "res"}
     assert zero_counts > 0
 
 
@@ -263,6 +265,61 @@ def test_records_valid_and_placeholders_match(dataset):
             words = f"{region['attributes']['size']} {region['attributes']['color']}"
             assert re.fullmatch(rf"an? {words} {region['category']}(, partly hidden)?",
                                 turns[1]["value"])
+
+
+def test_res_records_cite_the_target_mask(dataset):
+    out, _ = dataset
+    res = [r for r in _all_records(dataset) if r["task"] == "res"]
+    assert res and all(isinstance(r["meta"]["relational"], bool) for r in res)
+    per_image, templates = {}, set()
+    for record in res:
+        per_image[record["image"]] = per_image.get(record["image"], 0) + 1
+        question, answer = (t["value"] for t in record["conversations"])
+        expression = record["meta"]["expression"]
+        (target,) = record["meta"]["target"]
+        (template,) = (
+            q for q in RES_QUESTIONS
+            if question == f"{IMAGE_PLACEHOLDER}\n[grounding] " + q.format(expression)
+        )
+        templates.add(template)
+        assert answer == f"<p>{expression}</p><roi><ground_box></roi>"
+        assert record["conversations"][1]["regions"] == [target]
+        assert record["conversations"][0]["regions"] == []
+        assert _parse(expression).matches(_scene_from_record(record)) == [target]
+        assert record["meta"]["relational"] == (_parse(expression).anchor is not None)
+        # The cited region's mask is the target's exact pixels: the object's colour, non-empty.
+        image = np.asarray(Image.open(out / record["image"])).astype(int)
+        region = record["regions"][target]
+        mask = mask_utils.decode({**region["mask"], "counts": region["mask"]["counts"].encode()})
+        color = np.array(COLORS[region["attributes"]["color"]])
+        assert mask.any() and np.abs(image[mask.astype(bool)] - color).max() <= PIXEL_NOISE
+    assert max(per_image.values()) <= 2
+    assert len(templates) > 2  # several phrasings, each question one of them
+
+
+def test_new_tasks_leave_the_records_of_older_tasks_unchanged(dataset):
+    """res draws from its own stream: without it, the records are generator 1.0's."""
+    from groma_px.data.synthetic import build_records, scene_regions
+    from groma_px.data.synthetic.tasks import SHARED_STREAM_TASKS, SOURCE
+
+    _, records = dataset
+    index = 1
+    rng = image_rng(0, 0, index)
+    scene = sample_scene(rng)
+    _, masks = render_scene(scene)
+    regions = scene_regions(scene, [encode_mask(m) for m in masks])
+    image = f"images/train/{index:06d}.png"
+    prefix = f"{SOURCE}/train/{index:06d}"
+    on_disk = [r for r in records["train"] if r["image"] == image]
+    rebuilt = build_records(scene, regions, rng, task_rngs={"res": np.random.default_rng(99)},
+                            record_prefix=prefix, image_path=image)
+    older = [r for r in rebuilt if r["task"] in SHARED_STREAM_TASKS]
+    assert older == [r for r in on_disk if r["task"] in SHARED_STREAM_TASKS]
+    assert [r["task"] for r in on_disk] == [r["task"] for r in older] + ["res"] * (
+        len(on_disk) - len(older)
+    )
+    with pytest.raises(KeyError, match="task_rngs"):
+        build_records(scene, regions, rng, task_rngs={}, record_prefix=prefix, image_path=image)
 
 
 def test_coco_files_load(dataset):

@@ -105,3 +105,129 @@ def test_pack_and_errors(results, tmp_path):
         LoadImage()({"img_path": str(tmp_path / "bad.png")})
     with pytest.raises(ValueError, match="crop_ratio_range"):
         RandomCrop(crop_ratio_range=(0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------ masks
+def _mask_box(mask):
+    """Tight box (pixel edges) of a non-empty (H, W) mask."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+@pytest.fixture
+def with_masks(results):
+    """The three rectangles with their masks (tight box = box); the third is marked invalid."""
+    masks = np.zeros((3, 90, 130), dtype=np.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(BOXES.astype(int)):
+        masks[i, y0:y1, x0:x1] = 1
+    return dict(results, gt_masks=masks, gt_mask_valid=np.array([True, True, False]))
+
+
+def _check_rectangles(out):
+    """Each rectangle's mask has its box as tight box, and covers pixels of its colour only."""
+    img, masks, boxes = out["img"], out["gt_masks"], out["gt_bboxes"]
+    assert masks.shape == (len(boxes), *img.shape[:2]) and masks.dtype == np.uint8
+    for mask, box in zip(masks.astype(bool), boxes, strict=True):
+        if (box[2] - box[0]) * (box[3] - box[1]) == 0:  # cropped away entirely
+            assert not mask.any()
+            continue
+        np.testing.assert_array_equal(_mask_box(mask), box)
+        (channel,) = np.flatnonzero(img[mask].mean(axis=0) > 127)
+        assert (img[mask][:, channel] > 127).all()  # bilinear edges keep >= 3/4 of the colour
+        assert (np.delete(img[mask], channel, axis=1) < 128).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_and_boxes_move_together_exactly(with_masks, seed):
+    np.random.seed(seed)
+    out = Resize(max_size=260)(with_masks)  # exactly x2: integer boxes stay integer
+    np.testing.assert_array_equal(out["gt_bboxes"], BOXES * 2)
+    _check_rectangles(out)
+    out = RandomFlip(prob=1.0)(out)
+    _check_rectangles(out)
+    out = RandomCrop(prob=1.0, crop_ratio_range=(0.5, 1.0), min_area_ratio=0.0)(out)
+    _check_rectangles(out)
+    np.testing.assert_array_equal(out["gt_mask_valid"], [True, True, False])
+
+
+@pytest.mark.parametrize("max_size", [37, 64, 97, 200, 311])
+def test_resized_mask_edges_within_half_a_pixel_of_the_boxes(with_masks, max_size):
+    out = Resize(max_size=max_size)(with_masks)
+    assert out["gt_masks"].shape[1:] == out["img"].shape[:2] == out["img_shape"]
+    for mask, box in zip(out["gt_masks"].astype(bool), out["gt_bboxes"], strict=True):
+        assert np.abs(_mask_box(mask) - box).max() <= 0.5
+
+
+def test_crop_drops_masks_with_their_boxes(with_masks):
+    np.random.seed(0)
+    out = RandomCrop(prob=1.0, crop_ratio_range=(0.3, 0.3), min_area_ratio=0.9)(with_masks)
+    assert len(out["gt_masks"]) == len(out["gt_bboxes"]) == len(out["gt_mask_valid"]) < 3
+    assert out["gt_masks"].shape[1:] == out["img"].shape[:2]
+
+
+def test_masks_of_the_wrong_size_raise(with_masks):
+    bad = dict(with_masks, gt_masks=with_masks["gt_masks"][:, :-1], sample_id="toy/7")
+    for transform in (Resize(max_size=64), RandomFlip(prob=1.0), RandomCrop(prob=1.0)):
+        with pytest.raises(ValueError, match=r"sample 'toy/7': gt_masks of shape \(3, 89, 130\)"):
+            transform(dict(bad))
+
+
+def _synthetic_results(index):
+    from groma_px.data.synthetic import image_rng, render_scene, sample_scene
+
+    scene = sample_scene(image_rng(21, 0, index))
+    image, masks = render_scene(scene)
+    boxes = np.array([obj.box for obj in scene.objects], dtype=np.float32)
+    colors = [obj.color for obj in scene.objects]
+    results = {"img": image, "gt_bboxes": boxes, "gt_masks": np.stack(masks).astype(np.uint8)}
+    results.update(img_shape=image.shape[:2], ori_shape=image.shape[:2])
+    return dict(results, affine=(1.0, 0.0, 1.0, 0.0), flip=False), colors
+
+
+def _erode(mask, steps):
+    for _ in range(steps):
+        inner = mask.copy()
+        inner[1:] &= mask[:-1]
+        inner[:-1] &= mask[1:]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        mask = inner
+    return mask
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_synthetic_masks_follow_boxes_and_colours(index):
+    from groma_px.data.synthetic import COLORS
+    from groma_px.data.synthetic.scene import PIXEL_NOISE
+
+    np.random.seed(index)
+    results, colors = _synthetic_results(index)
+    # Flip and crop move pixels without resampling: colours stay exact under every mask.
+    out = RandomFlip(prob=1.0)(dict(results))
+    out = RandomCrop(prob=1.0, crop_ratio_range=(0.6, 0.9), min_area_ratio=0.0)(out)
+    h, w = out["img_shape"]
+    for mask, box, color in zip(
+        out["gt_masks"].astype(bool), out["gt_bboxes"], colors, strict=True
+    ):
+        if not mask.any():
+            continue
+        assert np.abs(out["img"][mask].astype(int) - COLORS[color]).max() <= PIXEL_NOISE
+        tight = _mask_box(mask)
+        assert (tight[:2] >= box[:2]).all() and (tight[2:] <= box[2:]).all()  # within the clip
+        if (box[:2] > 0).all() and box[2] < w and box[3] < h:  # wholly inside the window
+            np.testing.assert_array_equal(tight, box)
+    # Resizing: a mask never reaches more than half a pixel outside its scaled box; it can lose
+    # parts thinner than one input step (an occluded object's sliver), which moves its tight
+    # box inside (measured on 300 scenes: at most 2.1 px at 224 px, 8 px at 64 px). The interior
+    # keeps the object's colour.
+    for max_size, tolerance in ((64, None), (224, 2.5)):
+        out = Resize(max_size=max_size)(dict(results))
+        for mask, box, color in zip(
+            out["gt_masks"].astype(bool), out["gt_bboxes"], colors, strict=True
+        ):
+            tight = _mask_box(mask)
+            assert (tight[:2] >= box[:2] - 0.5).all() and (tight[2:] <= box[2:] + 0.5).all()
+            if tolerance is not None:
+                assert np.abs(tight - box).max() <= tolerance
+            inner = _erode(mask, 2)
+            assert np.abs(out["img"][inner].astype(int) - COLORS[color]).max() <= PIXEL_NOISE

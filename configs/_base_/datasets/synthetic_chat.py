@@ -1,18 +1,19 @@
-# Grounded conversations of the synthetic scenes (stages 2 and 3): every task of train.jsonl,
-# evaluated by generation on the test split.
+# Grounded conversations of the synthetic scenes (stages 2 and 3): every task of train.jsonl
+# (res included), evaluated by generation on the test split. Region masks are decoded and moved
+# with the pixels (gt_masks) for the mask head; mask metrics score at original resolution.
 data_root = "work_dirs/quickstart/data"
 tokenizer_dir = "work_dirs/quickstart/tokenizer"
 template = "plain"
 image_size = 224  # longer side after resizing; must match stage 1
 
 train_pipeline = [
-    dict(type="LoadGroundedRecord"),
+    dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="train"),
 ]
 test_pipeline = [
-    dict(type="LoadGroundedRecord"),
+    dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="predict"),
@@ -54,5 +55,7 @@ val_evaluator = [
     dict(type="RegionCaptionMetric"),
     dict(type="GroundedCaptionMetric"),
     dict(type="CountingMetric"),
+    dict(type="RESMetric"),
+    dict(type="RegionMaskAPMetric"),
 ]
 test_evaluator = val_evaluator

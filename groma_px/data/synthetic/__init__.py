@@ -1,8 +1,9 @@
 """Deterministic synthetic grounded scenes: the framework's embedded default dataset.
 
 Coloured shapes of several sizes on muted textures, with occlusion, exact masks, provably
-unambiguous referring expressions, region captions, grounded captions and counting questions,
-written in the record format of ``groma_px.data.schema`` plus COCO instances JSON.
+unambiguous referring expressions (boxes and segmentation), region captions, grounded captions and
+counting questions, written in the record format of ``groma_px.data.schema`` plus COCO instances
+JSON.
 
 In memory::
 

@@ -2,14 +2,17 @@
 
 Tasks: ``rec`` (one unambiguous referring expression -> one box), ``multi_grounding`` (a plural
 phrase -> all the boxes it names), ``region_caption`` (a cited box -> its description),
-``grounded_caption`` (an image description citing every object) and ``counting``. Every record of
-an image carries all its objects as ``regions``, in scene (z-) order; a turn's ``regions`` lists
-the region each placeholder cites, in order. Random choices (templates, which objects) come from
-the image's random stream, so records are as reproducible as the pixels.
+``grounded_caption`` (an image description citing every object), ``counting`` and ``res``
+(referring segmentation: an unambiguous expression -> the region whose exact mask is the answer).
+Every record of an image carries all its objects as ``regions`` (box and exact visible mask), in
+scene (z-) order; a turn's ``regions`` lists the region each placeholder cites, in order. Random
+choices (templates, which objects) come from the image's random streams, so records are as
+reproducible as the pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,11 +22,23 @@ from .expressions import Description, find_unique_expression, with_article
 from .scene import COLORS, SHAPES, Scene, SceneObject
 
 SOURCE = "synthetic"
-SYNTHETIC_TASKS = ("rec", "multi_grounding", "region_caption", "grounded_caption", "counting")
+SYNTHETIC_TASKS = (
+    "rec",
+    "multi_grounding",
+    "region_caption",
+    "grounded_caption",
+    "counting",
+    "res",
+)
+#: The tasks of generator 1.0, which draw in this order from the stream that sampled the scene.
+#: Each later task draws from a stream of its own (``build_records(task_rngs=...)``), so adding
+#: a task leaves the records of the others byte-identical.
+SHARED_STREAM_TASKS = SYNTHETIC_TASKS[:5]
 #: Objects less visible than this are "partly hidden" in captions and ``occluded`` in attributes.
 OCCLUDED_BELOW = 0.9
 MAX_MULTI_GROUNDING = 2
 MAX_REGION_CAPTIONS = 2
+MAX_RES = 2
 ZERO_COUNT_PROB = 0.3
 
 REC_QUESTIONS = ("Where is {}?", "Locate {} in the image.", "Find {}.", "Point out {}.")
@@ -35,6 +50,13 @@ REGION_QUESTIONS = (
     "What do you see in {}?",
 )
 CAPTION_QUESTIONS = ("Describe the image.", "Describe the image briefly.", "What does it show?")
+RES_QUESTIONS = (
+    "Segment {}.",
+    "Give the mask of {}.",
+    "Segment {} in the image.",
+    "Show the segmentation mask of {}.",
+    "Outline {}.",
+)
 COUNT_QUESTIONS = ("How many {} are there?", "How many {} are in the image?", "Count the {}.")
 BACKGROUND_WORDS = {
     "noise": "noisy",
@@ -105,6 +127,28 @@ def rec_conversations(scene: Scene, rng: np.random.Generator) -> list[Conversati
         question = "[grounding] " + _pick(rng, REC_QUESTIONS).format(text)
         meta = {"target": [target], "expression": text, "relational": expression.anchor is not None}
         out.append((_turns(question, _ground(text), asked=[], answered=[target]), meta))
+    return out
+
+
+def res_conversations(scene: Scene, rng: np.random.Generator) -> list[Conversation]:
+    """Referring segmentation ("Segment the blue star."), for up to 2 objects.
+
+    Targets are taken in random order among the objects that have an unambiguous expression
+    (:func:`find_unique_expression`, as for ``rec``); the answer cites the target's region, whose
+    exact visible mask the record holds.
+    """
+    out = []
+    for k in rng.permutation(len(scene.objects)):
+        target = int(k)
+        expression = find_unique_expression(scene, target, rng)
+        if expression is None:
+            continue
+        text = expression.render()
+        question = "[grounding] " + _pick(rng, RES_QUESTIONS).format(text)
+        meta = {"target": [target], "expression": text, "relational": expression.anchor is not None}
+        out.append((_turns(question, _ground(text), asked=[], answered=[target]), meta))
+        if len(out) == MAX_RES:
+            break
     return out
 
 
@@ -218,6 +262,7 @@ TASK_BUILDERS = {
     "region_caption": region_caption_conversations,
     "grounded_caption": grounded_caption_conversations,
     "counting": counting_conversations,
+    "res": res_conversations,
 }
 
 
@@ -226,6 +271,7 @@ def build_records(
     regions: list[dict[str, Any]],
     rng: np.random.Generator,
     *,
+    task_rngs: Mapping[str, np.random.Generator],
     record_prefix: str,
     image_path: str,
 ) -> list[dict[str, Any]]:
@@ -234,16 +280,22 @@ def build_records(
     Args:
         scene: The scene.
         regions: Its record regions (:func:`scene_regions`).
-        rng: The image's random stream (continued after sampling the scene).
+        rng: The image's random stream (continued after sampling the scene), which the
+            ``SHARED_STREAM_TASKS`` draw from in turn.
+        task_rngs: Per task not in ``SHARED_STREAM_TASKS``, its own random stream.
         record_prefix: Record ids are ``{record_prefix}/{task}/{k}``.
         image_path: The image path relative to the data root.
 
     Returns:
         Schema records; every turn's placeholder count equals ``len(turn["regions"])``.
     """
+    missing = [t for t in SYNTHETIC_TASKS if t not in SHARED_STREAM_TASKS and t not in task_rngs]
+    if missing:
+        raise KeyError(f"build_records needs task_rngs for tasks {missing}")
     records = []
     for task in SYNTHETIC_TASKS:
-        for k, (turns, meta) in enumerate(TASK_BUILDERS[task](scene, rng)):
+        task_rng = rng if task in SHARED_STREAM_TASKS else task_rngs[task]
+        for k, (turns, meta) in enumerate(TASK_BUILDERS[task](scene, task_rng)):
             records.append(
                 {
                     "id": f"{record_prefix}/{task}/{k}",

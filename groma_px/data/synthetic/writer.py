@@ -8,9 +8,11 @@ Layout under ``out_dir``::
     annotations/instances_{split}_agnostic.json     # COCO, single category "object"
     meta.json                                       # version, seed, counts, vocabulary
 
-Image ``index`` of split ``s`` draws everything from
-``SeedSequence(seed, spawn_key=(SPLITS.index(s), index))``, so no two images in any split share a
-random stream and the output is byte-identical for a seed whatever the number of workers.
+Image ``index`` of split ``s`` draws its scene and the records of the generator-1.0 tasks from
+``SeedSequence(seed, spawn_key=(SPLITS.index(s), index))`` and the records of each later task
+from ``SeedSequence(seed, spawn_key=(SPLITS.index(s), index, stream))`` (``TASK_STREAMS``), so no
+two images in any split share a random stream, adding a task leaves the other records unchanged,
+and the output is byte-identical for a seed whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from ..masks import encode_mask
 from .scene import (
     BACKGROUNDS,
     COLORS,
@@ -37,23 +39,28 @@ from .scene import (
     render_scene,
     sample_scene,
 )
-from .tasks import SOURCE, SYNTHETIC_TASKS, build_records, scene_regions
+from .tasks import SHARED_STREAM_TASKS, SOURCE, SYNTHETIC_TASKS, build_records, scene_regions
 
-GENERATOR_VERSION = "1.0.0"
+#: 1.1.0 added the ``res`` task; the records of the other tasks are those of 1.0.0.
+GENERATOR_VERSION = "1.1.0"
 SPLITS = ("train", "val", "test")
 #: zlib level of the PNGs: measured ~2.5x faster to write than PIL's default 6, ~12% larger.
 PNG_COMPRESS_LEVEL = 1
+#: The stream number of each task that does not draw from the image's main stream (never 0, and
+#: never reused: a task keeps its number when others are added).
+TASK_STREAMS = {"res": 1}
 
 
-def image_rng(seed: int, split_index: int, image_index: int) -> np.random.Generator:
-    """The random stream of one image: scene, texture seed, and its records' choices."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index, image_index)))
+def image_rng(
+    seed: int, split_index: int, image_index: int, stream: int = 0
+) -> np.random.Generator:
+    """A random stream of one image.
 
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a (H, W) bool mask, with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    Stream 0 draws the scene, its texture seed and the records of ``SHARED_STREAM_TASKS``;
+    stream ``TASK_STREAMS[task]`` the records of a later task.
+    """
+    spawn_key = (split_index, image_index) + ((stream,) if stream else ())
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=spawn_key))
 
 
 def _dumps(obj: Any) -> str:
@@ -88,7 +95,14 @@ def _generate_image(job: _ImageJob) -> _ImageResult:
     rles = [encode_mask(m) for m in masks]
     regions = scene_regions(scene, rles)
     prefix = f"{SOURCE}/{split}/{job.index:06d}"
-    records = build_records(scene, regions, rng, record_prefix=prefix, image_path=image_path)
+    task_rngs = {
+        task: image_rng(job.seed, job.split_index, job.index, TASK_STREAMS[task])
+        for task in SYNTHETIC_TASKS
+        if task not in SHARED_STREAM_TASKS
+    }
+    records = build_records(
+        scene, regions, rng, task_rngs=task_rngs, record_prefix=prefix, image_path=image_path
+    )
     coco_objects = [
         {
             "shape": obj.shape,
