@@ -6,6 +6,7 @@ _base_ = ["../_base_/default_runtime.py", "../_base_/datasets/synthetic_chat.py"
 image_size = 64
 train_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
+    dict(type="RandomVisualPrompts", point_prob=0.2, mask_prob=0.2),
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(

@@ -49,12 +49,75 @@ class LoadGroundedRecord:
         results["gt_bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         results["sample_id"] = results["id"]
         results.setdefault("meta", {})
+        results["region_prompts"] = [_prompt_of(region) for region in results["regions"]]
         if self.with_mask:
             results["gt_masks"], results["gt_mask_valid"] = _decode_region_masks(results)
         return results
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(with_mask={self.with_mask})"
+
+
+def _prompt_of(region: dict[str, Any]) -> dict[str, Any] | None:
+    """The visual-prompt kind of a record region (None for the default box)."""
+    kind = region.get("prompt", "box")
+    if kind == "point":
+        return {"kind": "point", "point": [float(v) for v in region["point"]]}
+    return None if kind == "box" else {"kind": kind}
+
+
+@TRANSFORMS.register_module()
+class RandomVisualPrompts:
+    """Shows the regions that human turns cite as points or masks instead of boxes, at random,
+    so that one model learns every kind of visual prompt (training data is mostly boxes).
+
+    A cited region with a valid mask becomes a point prompt with probability ``point_prob`` (a
+    pixel centre drawn uniformly from its mask) or a mask prompt with probability
+    ``mask_prob``; otherwise it keeps its prompt. Put it after
+    ``LoadGroundedRecord(with_mask=True)`` and before any geometric transform (points are in
+    original pixels; ``GromaPX`` maps them through the recorded affine). Uses numpy's global
+    RNG, which mmengine seeds per worker.
+
+    Args:
+        point_prob: Probability of a point prompt. Defaults to 0.2.
+        mask_prob: Probability of a mask prompt. Defaults to 0.2.
+    """
+
+    def __init__(self, *, point_prob: float = 0.2, mask_prob: float = 0.2) -> None:
+        if point_prob < 0 or mask_prob < 0 or point_prob + mask_prob > 1:
+            raise ValueError(
+                f"point_prob={point_prob} and mask_prob={mask_prob} must be >= 0 with sum <= 1"
+            )
+        self.point_prob, self.mask_prob = point_prob, mask_prob
+
+    def __call__(self, results: Results) -> Results:
+        if "gt_masks" not in results:
+            raise ValueError(
+                f"sample {results.get('id')!r}: RandomVisualPrompts needs gt_masks; put it after "
+                "LoadGroundedRecord(with_mask=True)"
+            )
+        cited = {
+            region
+            for turn in results["conversations"]
+            if turn.get("from") == HUMAN
+            for region in turn.get("regions", [])
+        }
+        prompts = list(results["region_prompts"])
+        for region in sorted(cited):
+            if not results["gt_mask_valid"][region]:
+                continue
+            draw = np.random.rand()
+            if draw < self.point_prob:
+                ys, xs = np.nonzero(results["gt_masks"][region])
+                pick = np.random.randint(len(xs))
+                prompts[region] = {"kind": "point", "point": [xs[pick] + 0.5, ys[pick] + 0.5]}
+            elif draw < self.point_prob + self.mask_prob:
+                prompts[region] = {"kind": "mask"}
+        results["region_prompts"] = prompts
+        return results
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(point_prob={self.point_prob}, mask_prob={self.mask_prob})"
 
 
 def _decode_region_masks(results: Results) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +259,7 @@ class PackGroundedChatInputs:
             answer=last["value"] if last is not None else None,
             answer_regions=list(last.get("regions", [])) if last is not None else [],
             gt_masks_rle=[region.get("mask") for region in results["regions"]],
+            region_prompts=results.get("region_prompts"),
         )
         sample = BaseDataElement(
             metainfo=metainfo,

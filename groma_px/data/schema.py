@@ -15,7 +15,10 @@ format and ``GroundedConversationDataset`` reads it. A record::
          "mask": {"size": [h, w], "counts": "..."},  # optional COCO RLE (pycocotools, str counts)
                                                 # of the visible pixels, non-empty; left out for
                                                 # a region with none (fully occluded)
-         "attributes": {"color": "red"}}        # optional, free-form
+         "attributes": {"color": "red"},        # optional, free-form
+         "prompt": "box"}                       # optional: how a human turn that cites the
+                                                # region shows it, "box" (default), "point"
+                                                # (with "point": [x, y]) or "mask" (its mask)
       ],
       "conversations": [                        # alternating turns, human first
         {"from": "human", "value": "<image>\\n[grounding] Where is the small red circle?"},

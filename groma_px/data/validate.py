@@ -25,7 +25,8 @@ from .schema import (
 )
 
 OPTIONAL_FIELDS = ("meta",)
-REGION_FIELDS = ("box", "category", "mask", "attributes")
+REGION_FIELDS = ("box", "category", "mask", "attributes", "prompt", "point")
+PROMPT_KINDS = ("box", "point", "mask")
 TURN_FIELDS = ("from", "value", "regions")
 IMAGE_CHECKS = ("decode", "exists", "none")
 
@@ -168,6 +169,26 @@ class RecordValidator:
             raise RecordFieldError(f"{name}.category", "must be a string")
         if "mask" in region:
             self._check_mask(f"{name}.mask", region["mask"], width, height)
+        self._check_prompt(name, region, width, height)
+
+    @staticmethod
+    def _check_prompt(name: str, region: dict, width: int, height: int) -> None:
+        """``prompt`` (how a human turn gives the region): box (default), point (needs
+        ``point`` [x, y] inside the image) or mask (needs ``mask``)."""
+        kind = region.get("prompt", "box")
+        if kind not in PROMPT_KINDS:
+            raise RecordFieldError(f"{name}.prompt", f"must be one of {PROMPT_KINDS}, got {kind!r}")
+        point = region.get("point")
+        if kind == "point" or point is not None:
+            if not isinstance(point, list) or len(point) != 2 or not all(map(_is_number, point)):
+                raise RecordFieldError(f"{name}.point", f"must be [x, y] numbers, got {point!r}")
+            if not (0 <= point[0] < width and 0 <= point[1] < height):
+                raise RecordFieldError(
+                    f"{name}.point",
+                    f"point {point} lies outside the image (width={width}, height={height})",
+                )
+        if kind == "mask" and "mask" not in region:
+            raise RecordFieldError(f"{name}.prompt", "a mask prompt needs the region's 'mask'")
 
     @staticmethod
     def _check_mask(name: str, rle: Any, width: int, height: int) -> None:

@@ -309,3 +309,45 @@ def test_pack_rejects_masks_not_matching_the_image(root):
     loaded["gt_masks"] = loaded["gt_masks"][:, :, :-1]
     with pytest.raises(ValueError, match=r"sample 'toy/0/rec': gt_masks of shape \(2, 30, 40\)"):
         pack(root)(loaded)
+
+
+def _caption_with_masks():
+    return _masked(CAPTION, [_rect_rle(BOXES[0]), _rect_rle(BOXES[1])])
+
+
+@pytest.mark.parametrize(
+    ("point_prob", "mask_prob", "kind"), [(1.0, 0.0, "point"), (0.0, 1.0, "mask")]
+)
+def test_random_visual_prompts_turn_cited_boxes_into_points_or_masks(point_prob, mask_prob, kind):
+    from groma_px.data.chat_transforms import RandomVisualPrompts
+
+    np.random.seed(0)
+    results = LoadGroundedRecord(with_mask=True)(_caption_with_masks())
+    assert results["region_prompts"] == [None, None]  # boxes by default
+    out = RandomVisualPrompts(point_prob=point_prob, mask_prob=mask_prob)(results)
+    assert out["region_prompts"][0] is None  # region 0 is not cited by a human turn
+    prompt = out["region_prompts"][1]
+    assert prompt["kind"] == kind
+    if kind == "point":
+        x, y = prompt["point"]
+        assert out["gt_masks"][1][int(y), int(x)]  # drawn from the region's own mask
+    keep = RandomVisualPrompts(point_prob=0.0, mask_prob=0.0)(
+        LoadGroundedRecord(with_mask=True)(_caption_with_masks())
+    )
+    assert keep["region_prompts"] == [None, None]
+
+
+def test_random_visual_prompts_need_masks_and_valid_probabilities():
+    from groma_px.data.chat_transforms import RandomVisualPrompts
+
+    with pytest.raises(ValueError, match="with_mask=True"):
+        RandomVisualPrompts()(LoadGroundedRecord()(make_record(CAPTION)))
+    with pytest.raises(ValueError, match="sum <= 1"):
+        RandomVisualPrompts(point_prob=0.7, mask_prob=0.5)
+
+
+def test_record_prompts_reach_the_metainfo(root):
+    record = _caption_with_masks()
+    record["regions"][1].update(prompt="point", point=[30.0, 10.0])
+    sample = _run_masked(root, record)
+    assert sample.region_prompts == [None, {"kind": "point", "point": [30.0, 10.0]}]

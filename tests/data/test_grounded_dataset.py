@@ -126,6 +126,26 @@ BAD_CASES = {
         "regions[0].mask",
         "compressed RLE string",
     ),
+    "prompt_kind": (
+        lambda r: r["regions"][0].update(prompt="scribble"),
+        "regions[0].prompt",
+        "must be one of",
+    ),
+    "point_outside": (
+        lambda r: r["regions"][1].update(prompt="point", point=[45.0, 3.0]),
+        "regions[1].point",
+        "outside the image",
+    ),
+    "point_missing": (
+        lambda r: r["regions"][1].update(prompt="point"),
+        "regions[1].point",
+        "must be [x, y]",
+    ),
+    "mask_prompt_without_mask": (
+        lambda r: r["regions"][1].update(prompt="mask"),
+        "regions[1].prompt",
+        "needs the region's 'mask'",
+    ),
     "role_order": (
         lambda r: r["conversations"][0].update({"from": "gpt"}),
         "conversations[0].from",

@@ -60,3 +60,31 @@ def test_mask_pooling_reads_only_the_masked_pixels_of_the_box():
         encoder(pyramid, boxes, image=image, masks=[{5: left}])
     with pytest.raises(ValueError, match="larger than"):
         encoder(pyramid, boxes, image=image, masks=[{0: torch.ones(70, 64, dtype=torch.bool)}])
+
+
+def test_sample_prompts_map_points_through_the_affine_and_take_masks():
+    from mmengine.structures import BaseDataElement
+
+    from groma_px.models.inputs import sample_references
+
+    sample = BaseDataElement(
+        metainfo={
+            "sample_id": "s",
+            "affine": (0.5, 0.0, 0.5, 0.0),  # the original image was 2x larger
+            "region_prompts": [{"kind": "point", "point": [40.0, 20.0]}, {"kind": "mask"}, None],
+        },
+        gt_boxes=torch.tensor([[0.0, 0.0, 30.0, 20.0], [5.0, 5.0, 10.0, 10.0], [1, 1, 9, 9.0]]),
+        ref_regions=torch.tensor([0, 1, 2]),
+        ref_is_user=torch.tensor([True, True, False]),
+        gt_masks=torch.zeros(3, 32, 64, dtype=torch.bool),
+    )
+    ref = sample_references(sample, torch.tensor([32, 64]))
+    assert torch.allclose(ref.user_points[0], torch.tensor([20.0 / 64, 10.0 / 32]))
+    assert torch.isnan(ref.user_points[1]).all()
+    assert ref.user_masks[0] is None and ref.user_masks[1].shape == (32, 64)
+    del sample.gt_masks
+    with pytest.raises(ValueError, match="with_mask=True"):
+        sample_references(sample, torch.tensor([32, 64]))
+    sample.set_metainfo({"region_prompts": [{"kind": "scribble"}, None, None]})
+    with pytest.raises(ValueError, match="scribble"):
+        sample_references(sample, torch.tensor([32, 64]))

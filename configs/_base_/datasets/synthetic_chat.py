@@ -8,6 +8,7 @@ image_size = 224  # longer side after resizing; must match stage 1
 
 train_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
+    dict(type="RandomVisualPrompts", point_prob=0.2, mask_prob=0.2),  # box/point/mask prompts
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
     dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="train"),
