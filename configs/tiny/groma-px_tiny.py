@@ -66,7 +66,7 @@ model = dict(
         with_box_refine=True,
         objectness=dict(sources=("synthetic",)),
     ),
-    region_encoder=dict(type="RoIRegionEncoder", roi_size=2, hidden_dim=32),
+    region_encoder=dict(type="RoIRegionEncoder", roi_size=2, hidden_dim=32, pixel_roi_size=4),
     image_tokenizer=dict(type="ImageTokenizer", grid=2, mode="merge", level=-1),
     # score_thr=0: a random-init proposer scores about its 0.01 prior, and predict must still
     # keep proposals for the tests to see.
@@ -89,6 +89,10 @@ model = dict(
     layout="pair",
     frozen=("backbone", "proposer"),
     max_new_tokens=8,
+    region_head="pointer",
+    region_pointer=dict(phrase_query=True),
+    mask_head=dict(type="LLMMaskHead", embed_dim=16, hidden_dim=32),
+    mask_loss=dict(num_points=256, max_masks=8),
     data_preprocessor=dict(type="ProposerDataPreprocessor", pad_size_divisor=16),
 )
 

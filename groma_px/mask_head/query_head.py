@@ -183,8 +183,9 @@ class QueryMaskHead(nn.Module):
         Returns:
             (N, h, w) logits at ``mask_stride`` over the padded input.
         """
-        if len(batch_index) == 0:
-            return pixels.new_zeros(0, *pixels.shape[-2:]) + 0 * pixels.sum()
+        if len(batch_index) == 0:  # still in the graph of every parameter (DDP)
+            touch = sum(p.sum() for p in self.parameters()) + pixels.sum()
+            return pixels.new_zeros(0, *pixels.shape[-2:]) + 0 * touch
         region_pix = self.region_pixels(pixels, batch_index, boxes, image_hw)
         query = self.queries(region_feats.to(pixels.dtype), hidden)
         return torch.einsum("nc,nchw->nhw", query, region_pix) / math.sqrt(self.embed_dim) + (
