@@ -31,8 +31,10 @@ from groma_px.engine.stages import (
     draw_predictions,
     export_runner_model,
     print_table,
+    prompt_caption_accuracy,
     train_stage,
 )
+from groma_px.inference import GroundedChat
 from groma_px.llm.tokenizer import build_tokenizer_from_jsonl
 from groma_px.llm.vocab import GroundingVocab
 from groma_px.visualization import draw_record
@@ -165,6 +167,8 @@ def _train_chat(
     test = {k: float(v) for k, v in runner.test().items()}
     model_dir = export_runner_model(runner, cfg3, work_dir / "model")
     examples = draw_predictions(runner, work_dir / "examples")
+    # Box, point and mask prompts on the exported model: does the caption name the object?
+    test.update(prompt_caption_accuracy(GroundedChat.from_pretrained(model_dir), data_root))
     timings["evaluate_s"] = time.perf_counter() - t
     print(f"  model -> {model_dir}; {len(examples)} example answers -> {work_dir / 'examples'}")
     return {"test": test, "checkpoints": [ckpt2, ckpt3], "examples": examples}

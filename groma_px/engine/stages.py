@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,3 +130,48 @@ def print_table(metrics: Mapping[str, float], title: str) -> None:
     print(f"  {'metric':<{width}}  value")
     for key in sorted(metrics):
         print(f"  {key:<{width}}  {metrics[key]:.4f}")
+
+
+def prompt_caption_accuracy(
+    chat: Any, data_root: str | Path, *, split: str = "test", limit: int = 60
+) -> dict[str, float]:
+    """Region captions asked with each kind of visual prompt, scored by whether the answer
+    names the object's colour and shape (``prompt/{box,point,mask}_acc``).
+
+    The first ``limit`` ``region_caption`` records of ``{split}.jsonl`` are asked "What object
+    is shown in <roi><refer_box></roi>?" with the cited region given as its box, as a point
+    (``mask_point`` of its mask) and as its mask. Records whose region has no mask, colour or
+    category are skipped.
+    """
+    from pycocotools import mask as mask_utils
+
+    from ..region_encoder.prompts import mask_point
+
+    hits = {"box": 0, "point": 0, "mask": 0}
+    count = 0
+    root = Path(data_root)
+    with open(root / f"{split}.jsonl", encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["task"] != "region_caption" or count >= limit:
+                continue
+            region = record["regions"][record["conversations"][0]["regions"][0]]
+            color = region.get("attributes", {}).get("color")
+            if region.get("mask") is None or not color or not region.get("category"):
+                continue
+            mask = torch.from_numpy(mask_utils.decode(region["mask"]).astype(bool))
+            prompts = {
+                "box": {"box": region["box"]},
+                "point": {"point": mask_point(mask)},
+                "mask": {"mask": region["mask"]},
+            }
+            count += 1
+            for kind, prompt in prompts.items():
+                answer = chat.chat(
+                    root / record["image"],
+                    "What object is shown in <roi><refer_box></roi>?",
+                    regions=[prompt],
+                ).text
+                hits[kind] += int(color in answer and region["category"] in answer)
+    out = {f"prompt/{kind}_acc": hit / max(count, 1) for kind, hit in hits.items()}
+    return {**out, "prompt/count": float(count)}

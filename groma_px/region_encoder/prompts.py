@@ -62,3 +62,18 @@ def mask_box(mask: Tensor) -> Tensor:
     if ys.numel() == 0:
         raise ValueError("an empty mask has no box")
     return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+
+
+def mask_point(mask: Tensor) -> tuple[float, float]:
+    """A deterministic point prompt for a mask: the centre of the mask pixel nearest to the
+    mask's centroid (inside the object even when it is not convex).
+
+    Raises:
+        ValueError: If the mask is empty.
+    """
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        raise ValueError("an empty mask has no point")
+    cx, cy = xs.float().mean(), ys.float().mean()
+    nearest = int(((xs.float() - cx) ** 2 + (ys.float() - cy) ** 2).argmin())
+    return float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5

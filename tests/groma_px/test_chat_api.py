@@ -213,3 +213,90 @@ def test_replayed_answers_keep_citations_and_drop_prompt_only_tokens():
 
     raw = "<p>a star</p><roi><r1></roi> and <image><region><ground_box>"
     assert _replayable(raw) == "<p>a star</p><roi><r1></roi> and "
+
+
+# ------------------------------------------------------------------------------ visual prompts
+def _rect_mask(height, width, box):
+    mask = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_point_and_mask_prompts_become_the_intended_region(chat, image_path, monkeypatch):
+    width, height = Image.open(image_path).size
+    seen = {}
+    original = type(chat.model.region_encoder).forward
+
+    def spy(self, pyramid, boxes, image=None, masks=None):
+        seen["masks"] = masks
+        return original(self, pyramid, boxes, image=image, masks=masks)
+
+    monkeypatch.setattr(type(chat.model.region_encoder), "forward", spy)
+    # A point inside the object: the user region is a proposal that contains it (in pixels).
+    point = (70.0, 80.0)
+    conv = chat.start(image_path, regions=[{"point": point}])
+    chat.chat(conv, "What object is shown?")
+    x0, y0, x1, y1 = conv.kept_boxes[0].tolist()
+    assert x0 <= point[0] <= x1 and y0 <= point[1] <= y1 and (x1 - x0) * (y1 - y0) > 1
+    assert seen["masks"] is None
+    # A mask: its tight box is the user region, and the region is mask-pooled.
+    mask = _rect_mask(height, width, BOX)
+    mask[60:70, 50:60] = False  # a hole: the tight box stays BOX
+    conv = chat.start(image_path, regions=[{"mask": mask}])
+    chat.chat(conv, "What object is shown?")
+    torch.testing.assert_close(conv.kept_boxes[0], torch.tensor(BOX), atol=1e-3, rtol=0)
+    (per_image,) = seen["masks"]
+    (row, pooled) = next(iter(per_image.items()))
+    assert row == 0 and pooled.dtype == torch.bool and pooled.any()
+    # The same mask as COCO RLE gives the same answer.
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    a = chat.chat(image_path, "What object is shown?", regions=[{"mask": mask}])
+    b = chat.chat(image_path, "What object is shown?", regions=[{"mask": rle}])
+    assert a.raw_text == b.raw_text
+
+
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [
+        ({"point": (500.0, 10.0)}, r"regions\[0\]\.point .* lies outside the 179x149 image"),
+        ({"point": (1.0,)}, r"regions\[0\]\.point must be 2 finite numbers"),
+        ({"mask": np.ones((10, 10), dtype=bool)}, r"regions\[0\]\.mask has shape \(10, 10\)"),
+        ({"mask": np.zeros((149, 179), dtype=bool)}, r"regions\[0\]\.mask is empty"),
+        ({"mask": {"size": [149, 178], "counts": "abc"}}, r"RLE has size \[149, 178\]"),
+        ({"box": BOX, "point": (1.0, 1.0)}, "exactly one of 'box'"),
+    ],
+)
+def test_bad_visual_prompts_raise_clear_errors(chat, image_path, region, match):
+    with pytest.raises(ValueError, match=match):
+        chat.chat(image_path, "What is it?", regions=[region])
+
+
+def test_more_prompts_than_region_tokens_is_an_error(chat, image_path):
+    top_k = chat.model.selector.top_k
+    prompts = [{"point": (10.0 + i, 10.0)} for i in range(top_k + 1)]
+    with pytest.raises(ValueError, match=f"{top_k + 1} user regions but the model has only"):
+        chat.start(image_path, regions=prompts)
+
+
+def test_prompt_caption_accuracy_asks_each_record_with_every_prompt_kind(chat, tiny_data):
+    from groma_px.engine.stages import prompt_caption_accuracy
+
+    asked = []
+    original = chat.chat
+
+    def spy(image, text, regions=None):
+        asked.append(next(iter(regions[0])))
+        return original(image, text, regions=regions)
+
+    chat.chat = spy
+    try:
+        out = prompt_caption_accuracy(chat, tiny_data["data_root"], limit=2)
+    finally:
+        del chat.chat
+    assert out["prompt/count"] == 2
+    assert asked == ["box", "point", "mask"] * 2
+    assert all(0.0 <= out[f"prompt/{k}_acc"] <= 1.0 for k in ("box", "point", "mask"))

@@ -88,3 +88,15 @@ def test_sample_prompts_map_points_through_the_affine_and_take_masks():
     sample.set_metainfo({"region_prompts": [{"kind": "scribble"}, None, None]})
     with pytest.raises(ValueError, match="scribble"):
         sample_references(sample, torch.tensor([32, 64]))
+
+
+def test_mask_point_lies_inside_a_non_convex_mask():
+    from groma_px.region_encoder.prompts import mask_point
+
+    ring = torch.zeros(9, 9, dtype=torch.bool)
+    ring[1:8, 1:8] = True
+    ring[3:6, 3:6] = False  # the centroid (4, 4) is a hole
+    x, y = mask_point(ring)
+    assert ring[int(y), int(x)]
+    with pytest.raises(ValueError, match="empty mask"):
+        mask_point(torch.zeros(3, 3, dtype=torch.bool))
