@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "peft==0.21.2",
     "accelerate==1.15.0",
     "pycocoevalcap==1.2",  # only its Bleu and Cider scorers (no Java tokenizer)
+    "optuna==5.0.0",  # tools/sweep.py: method "optuna" (TPE)
     "pyyaml",
     "tqdm",
 ]
