@@ -29,7 +29,7 @@ TRANSFORMS = Registry(
 METRICS = Registry(
     "metric", parent=_mm.METRICS, scope=SCOPE, locations=["region_proposer.evaluation"]
 )
-# Children of mmengine's remaining registries (nothing of ours is registered in them yet).
+# Children of mmengine's remaining registries (ours: CompatFSDPStrategy in runtime.py).
 DATA_SAMPLERS = Registry("data sampler", parent=_mm.DATA_SAMPLERS, scope=SCOPE)
 EVALUATOR = Registry("evaluator", parent=_mm.EVALUATOR, scope=SCOPE)
 FUNCTIONS = Registry("function", parent=_mm.FUNCTIONS, scope=SCOPE)
@@ -45,7 +45,9 @@ OPTIMIZERS = Registry("optimizer", parent=_mm.OPTIMIZERS, scope=SCOPE)
 PARAM_SCHEDULERS = Registry("parameter scheduler", parent=_mm.PARAM_SCHEDULERS, scope=SCOPE)
 RUNNERS = Registry("runner", parent=_mm.RUNNERS, scope=SCOPE)
 RUNNER_CONSTRUCTORS = Registry("runner constructor", parent=_mm.RUNNER_CONSTRUCTORS, scope=SCOPE)
-STRATEGIES = Registry("strategy", parent=_mm.STRATEGIES, scope=SCOPE)
+STRATEGIES = Registry(
+    "strategy", parent=_mm.STRATEGIES, scope=SCOPE, locations=["region_proposer.runtime"]
+)
 TASK_UTILS = Registry("task util", parent=_mm.TASK_UTILS, scope=SCOPE)
 VISBACKENDS = Registry("vis_backend", parent=_mm.VISBACKENDS, scope=SCOPE)
 VISUALIZERS = Registry("visualizer", parent=_mm.VISUALIZERS, scope=SCOPE)

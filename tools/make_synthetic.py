@@ -5,6 +5,7 @@
 
 The same seed always gives byte-identical files, whatever ``--workers``.
 """
+
 from __future__ import annotations
 
 import argparse

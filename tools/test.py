@@ -1,6 +1,7 @@
 """Evaluate a checkpoint of any groma-px / region_proposer config; print and save the metrics.
 
 python tools/test.py CONFIG CHECKPOINT [--out metrics.json] [--work-dir DIR] [--cfg-options k=v]
+torchrun --nproc_per_node N tools/test.py CONFIG CHECKPOINT --launcher pytorch  # same metrics
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ import math
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
+from mmengine.dist import is_main_process
 
-from region_proposer.runtime import apply_cfg_options, init_cpu_distributed, patch_checkpoint_loader
+from region_proposer.runtime import (
+    StrictLoadHook,
+    apply_cfg_options,
+    build_runner,
+    configure_for_device,
+    init_cpu_distributed,
+    patch_checkpoint_loader,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +49,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg.work_dir = (
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
-    metrics = Runner.from_cfg(cfg).test()
+    configure_for_device(cfg)
+    runner = build_runner(cfg)
+    runner.register_hook(StrictLoadHook())  # missing weights fail, naming the keys
+    metrics = runner.test()
+    if not is_main_process():
+        return metrics
     width = max((len(k) for k in metrics), default=0)
     for key, value in sorted(metrics.items()):
         print(

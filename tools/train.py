@@ -1,7 +1,9 @@
 """Train any groma-px / region_proposer config with an mmengine Runner.
 
 python tools/train.py CONFIG [--work-dir DIR] [--cfg-options k=v ...] [--resume [CKPT]]
-torchrun --nproc_per_node N tools/train.py CONFIG --launcher pytorch
+torchrun --nproc_per_node N tools/train.py CONFIG --launcher pytorch   # or tools/dist_train.sh
+srun -n N python tools/train.py CONFIG --launcher slurm
+FSDP/DeepSpeed: ``runner_type``/``strategy`` in the config (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -10,9 +12,14 @@ import argparse
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
 
-from region_proposer.runtime import apply_cfg_options, init_cpu_distributed, patch_checkpoint_loader
+from region_proposer.runtime import (
+    apply_cfg_options,
+    build_runner,
+    configure_for_device,
+    init_cpu_distributed,
+    patch_checkpoint_loader,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    Runner.from_cfg(cfg).train()
+    configure_for_device(cfg)
+    build_runner(cfg).train()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ default_hooks = dict(
     timer=dict(type="IterTimerHook"),
     logger=dict(type="LoggerHook", interval=10),
     param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(type="CheckpointHook", interval=500, by_epoch=False, max_keep_ckpts=2),
+    # Atomic: a run killed while saving keeps its previous checkpoint (groma_px.engine.checkpoint).
+    checkpoint=dict(
+        type="groma_px.AtomicCheckpointHook", interval=500, by_epoch=False, max_keep_ckpts=2
+    ),
     sampler_seed=dict(type="DistSamplerSeedHook"),
 )
 

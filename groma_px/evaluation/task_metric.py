@@ -15,7 +15,8 @@ from ..structures import GroundedResponse
 
 
 class TaskMetric(BaseMetric):
-    """A ``BaseMetric`` that keeps one small picklable dict per sample of its tasks.
+    """A ``BaseMetric`` that keeps one small picklable dict per sample of its tasks (and an
+    empty dict per sample of other tasks, see :meth:`process`).
 
     Subclasses implement :meth:`score_sample` (one sample -> a dict of Python scalars or
     strings, so that distributed collection stays cheap) and :meth:`summarise` (all the dicts ->
@@ -54,16 +55,25 @@ class TaskMetric(BaseMetric):
             raise ValueError(f"{type(self).__name__} needs at least one task")
 
     def process(self, data_batch: Any, data_samples: Sequence[Any]) -> None:
-        """Scores each sample of this metric's tasks and stores the small result dict."""
+        """Scores each sample of this metric's tasks and stores the small result dict; stores
+        ``{}`` for a sample of another task.
+
+        One entry per sample, whatever its task: in distributed evaluation mmengine pads the
+        ranks' shards to equal length with repeated samples, interleaves the ranks' results
+        and cuts the list to the dataset size; that removes the padding only if every sample
+        left exactly one entry (Groma issue 31: wrong accuracy on several GPUs). Not ``None``:
+        ``collect_results`` drops ``None`` entries before cutting.
+        """
         for sample in data_samples:
             # mmengine's Evaluator hands metrics ``BaseDataElement.to_dict()`` (metainfo and
             # fields in one dict); direct callers may pass the data element itself.
             fields = sample.to_dict() if isinstance(sample, BaseDataElement) else sample
-            if fields.get("task") in self.tasks:
-                self.results.append(self.score_sample(fields))
+            scored = fields.get("task") in self.tasks
+            self.results.append(self.score_sample(fields) if scored else {})
 
     def compute_metrics(self, results: list[dict[str, Any]]) -> dict[str, float]:
-        """Flat metric keys over every stored result; ``{}`` if none was stored."""
+        """Flat metric keys over every stored result of the metric's tasks; ``{}`` if none."""
+        results = [r for r in results if r]  # {}: a sample of another task
         if not results:
             print_log(
                 f"{type(self).__name__}: no sample of task(s) {self.tasks} was evaluated; "
