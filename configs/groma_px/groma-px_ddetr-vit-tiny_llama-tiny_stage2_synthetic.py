@@ -29,6 +29,9 @@ model = dict(
     # phrase-region alignment): region accuracy rose from ~0.2 to ~0.6-0.8 in training.
     region_pointer=dict(phrase_query=True),
     region_loss_weight=5.0,
+    # A question's <refer_box> carries its region feature (Groma's <refer_feat>): with the
+    # citation alone the from-scratch LLM answered every region caption the same way.
+    user_region_features=True,
     mask_head={{_base_.mask_head}},
     mask_loss=dict(num_points=1024, max_masks=16),
     # Perception is frozen in stages 2 and 3: keep each image's pyramid and proposals after the

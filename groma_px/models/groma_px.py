@@ -88,6 +88,9 @@ class GromaPX(BaseModel):
         point_box_size: Side (share of the image) of the box a point prompt gets when no
             proposal contains it; otherwise it snaps to the best proposal containing it.
             Defaults to 0.1.
+        user_region_features: Read a human turn's ``<refer_box>`` as ``<refer_feat>``: the
+            user region's feature is spliced in where the question cites it (as Groma's
+            ``<refer_feat>``), not only in the region block. Defaults to False.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -115,6 +118,7 @@ class GromaPX(BaseModel):
         mask_head: dict | None = None,
         mask_loss: dict | None = None,
         point_box_size: float = 0.1,
+        user_region_features: bool = False,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -161,6 +165,7 @@ class GromaPX(BaseModel):
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)
         self.point_box_size = float(point_box_size)
+        self.user_region_features = user_region_features
         self.register_buffer(
             "_region_cols", torch.tensor(self.token_ids.regions, dtype=torch.long), persistent=False
         )
@@ -348,7 +353,7 @@ class GromaPX(BaseModel):
             rows = ref.placeholder_rows(sel.ref_to_region)
             seqs.append(
                 build_sequence(
-                    sample.input_ids.long(),
+                    self._user_ids(sample),
                     sample.label_mask.bool(),
                     rows,
                     ids=self.token_ids,
@@ -377,6 +382,21 @@ class GromaPX(BaseModel):
         batch["region_feats"] = region_feats
         batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
         return batch
+
+    def _user_ids(self, sample: BaseDataElement) -> Tensor:
+        """``input_ids`` with the human turns' ``<refer_box>`` read as ``<refer_feat>`` when
+        ``user_region_features`` (the region feature then sits where the question cites it)."""
+        ids = sample.input_ids.long()
+        if not self.user_region_features:
+            return ids
+        t = self.token_ids
+        placeholders = torch.isin(ids, ids.new_tensor([t.refer_box, t.ground_box, t.refer_feat]))
+        positions = torch.nonzero(placeholders).flatten()
+        user = sample.ref_is_user.bool().to(positions.device)
+        if len(user) != len(positions):  # build_sequence names the mismatch
+            return ids
+        swap = positions[user & (ids[positions] == t.refer_box)]
+        return ids.index_fill(0, swap, t.refer_feat)
 
     def _to_embedding_scale(self, feats: Tensor, which: int) -> Tensor:
         """RMS-normalise each feature vector and scale it to the token-embedding RMS."""

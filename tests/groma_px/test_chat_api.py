@@ -206,6 +206,16 @@ def test_chat_tool_prints_json_and_writes_png(exported, image_path, tmp_path, ca
     tool.main([*base, "--query", "Describe the image.", "--query", "Anything else?"])
     result = json.loads(capsys.readouterr().out)
     assert len(result["answers"]) == 2 and all("spans" in a for a in result["answers"])
+    # Point and mask prompts from the command line: both become user regions (score 1).
+    mask_png = tmp_path / "mask.png"
+    with Image.open(image_path) as image:
+        mask = np.zeros((image.height, image.width), dtype=np.uint8)
+    mask[44:114, 37:106] = 255
+    Image.fromarray(mask).save(mask_png)
+    query = "What is in <refer_box> and <refer_box>?"
+    tool.main([*base, "--query", query, "--point", "70", "80", "--mask", str(mask_png)])
+    result = json.loads(capsys.readouterr().out)
+    assert "spans" in result
 
 
 def test_replayed_answers_keep_citations_and_drop_prompt_only_tokens():

@@ -542,3 +542,25 @@ def test_a_saved_llama_checkpoint_directory_plugs_in_through_config(
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
     assert model.llm.new_embed.weight.grad is not None
+
+
+def test_user_region_features_splice_the_feature_where_the_question_cites_it(
+    build_model, make_batch
+):
+    batch = make_batch([1], "test")  # region caption: "What object is shown in <refer_box>?"
+    assert batch["data_samples"][0].metainfo["task"] == "region_caption"
+    plain = build_model(selector=dict(score_thr=0.0)).eval()
+    fed = build_model(selector=dict(score_thr=0.0), user_region_features=True).eval()
+    fed.load_state_dict(plain.state_dict())
+    embedded = []
+    for model in (plain, fed):
+        data = model.data_preprocessor(batch, False)
+        with torch.no_grad():
+            perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+            embedded.append(model._embed(perception, data["data_samples"], padding_side="left"))
+    a, b = embedded
+    # One more position: the cited <r0> is followed by a <region> slot holding region 0.
+    assert b["input_ids"].shape[1] == a["input_ids"].shape[1] + 1
+    assert (b["region_slots"] == 0).sum() == (a["region_slots"] == 0).sum() + 1
+    ids = plain.token_ids
+    assert ids.refer_box not in b["input_ids"] and ids.refer_feat not in b["input_ids"]
