@@ -150,7 +150,7 @@ def test_groma_px_mask_loss_trains_the_head_and_predict_attaches_masks(
     batch = _with_box_masks(make_batch((0, 10, 15)))
     losses = model(**model.data_preprocessor(batch, True), mode="loss")
     assert {"loss_mask_bce", "loss_mask_dice"} <= set(losses)
-    assert float(losses["loss_mask_bce"]) > 0
+    assert losses["loss_mask_bce"].item() > 0
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     assert all(p.grad is not None for p in model.mask_head.parameters())
     # Without gt_masks there is nothing to supervise (zero, still in the graph).
