@@ -18,26 +18,26 @@ from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.pointer import RegionPointerHead, phrase_embeddings, pointer_logits
+from ..llm.pointer import RegionPointerHead
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
 from ..mask_head import mask_losses
-from ..region_encoder.prompts import snap_points
 from ..registry import MODELS
+from .building import PartsConfigMixin
+from .heads import GroundingHeadsMixin
 from .inputs import sample_references, splice_features
-from .masks import CitedRegions, cited_regions, first_citations, logits_to_rle, padded_targets
+from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
-from .perception_cache import PerceptionCache
+from .prompting import VisualPromptsMixin
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 TOKEN_AVERAGES = ("global", "local")
-CONSUMER_ROLES = ("proposer", "region", "image", "mask")
 
 
 @MODELS.register_module()
-class GromaPX(BaseModel):
+class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseModel):
     """Decoupled-perception grounded MLLM (Groma): a composition of configured parts.
 
     ``forward`` modes: ``loss`` -> ``{"loss": next-token CE over text and region-index tokens,
@@ -175,59 +175,6 @@ class GromaPX(BaseModel):
             self.feature_gain = nn.Parameter(torch.ones(2))  # image tokens, region tokens
 
     # ----------------------------------------------------------------------------- building
-    def _check_consumers(self, consumers: dict[str, str] | None) -> dict[str, str]:
-        out = {role: "proposer" for role in CONSUMER_ROLES}
-        unknown = set(consumers or {}) - set(CONSUMER_ROLES)
-        if unknown:
-            raise KeyError(f"unknown consumers roles {sorted(unknown)}; known: {CONSUMER_ROLES}")
-        out.update(consumers or {})
-        return out
-
-    def _llm_cfg(self, llm: dict) -> dict:
-        ids = sorted(self.token_ids.all_ids)
-        if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise ValueError("the tokenizer's grounding tokens must have contiguous ids")
-        cfg = dict(llm, first_new_id=ids[0], num_new_tokens=len(ids))
-        if cfg.get("config") is not None:
-            cfg["config"] = dict(cfg["config"])
-            cfg["config"].setdefault("vocab_size", ids[0])
-        return cfg
-
-    def _width_cfg(self, cfg: dict, role: str, *, levels: bool = False) -> dict:
-        consumer = self.consumers[role]
-        cfg = dict(cfg, out_dim=self.llm.hidden_size)
-        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
-        if levels:
-            cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
-        return cfg
-
-    def _mask_head_cfg(self, cfg: dict) -> dict:
-        consumer = self.consumers["mask"]
-        cfg = dict(cfg, region_dim=self.llm.hidden_size)
-        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
-        cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
-        return cfg
-
-    def _build_cache(self) -> PerceptionCache:
-        if not {"backbone", "proposer"} <= set(self.frozen):
-            raise ValueError(
-                "cache_perception=True needs 'backbone' and 'proposer' in frozen (cached "
-                f"features of trained modules would go stale); frozen={self.frozen}"
-            )
-        return PerceptionCache([self.consumers[role] for role in ("region", "image", "mask")])
-
-    def _freeze(self) -> None:
-        for name in self.frozen:
-            module = self.get_submodule(name)
-            for param in module.parameters():
-                param.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> GromaPX:
-        """Frozen sub-modules stay in eval mode (no dropout, fixed norms, inference proposer)."""
-        super().train(mode)
-        for name in self.frozen:
-            self.get_submodule(name).eval()
-        return self
 
     num_image_tokens = property(lambda self: self.image_tokenizer.num_tokens, doc="G per image")
 
@@ -308,18 +255,6 @@ class GromaPX(BaseModel):
             proposals = self.proposer(pyramids[self.consumers["proposer"]], gt)
         return pyramids, proposals
 
-    def _user_boxes(self, ref: Any, boxes: Tensor, scores: Tensor) -> Tensor:
-        """The user boxes, point prompts snapped to a proposal (``snap_points``)."""
-        if ref.user_points is None or not bool(torch.isfinite(ref.user_points[:, 0]).any()):
-            return ref.user_boxes
-        is_point = torch.isfinite(ref.user_points[:, 0])
-        snapped = snap_points(
-            ref.user_points[is_point], boxes, scores, fallback_size=self.point_box_size
-        )
-        user = ref.user_boxes.clone()
-        user[is_point] = snapped.to(user)
-        return user
-
     def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:
         """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows
         (mask prompts are mask-pooled)."""
@@ -383,21 +318,6 @@ class GromaPX(BaseModel):
         batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
         return batch
 
-    def _user_ids(self, sample: BaseDataElement) -> Tensor:
-        """``input_ids`` with the human turns' ``<refer_box>`` read as ``<refer_feat>`` when
-        ``user_region_features`` (the region feature then sits where the question cites it)."""
-        ids = sample.input_ids.long()
-        if not self.user_region_features:
-            return ids
-        t = self.token_ids
-        placeholders = torch.isin(ids, ids.new_tensor([t.refer_box, t.ground_box, t.refer_feat]))
-        positions = torch.nonzero(placeholders).flatten()
-        user = sample.ref_is_user.bool().to(positions.device)
-        if len(user) != len(positions):  # build_sequence names the mismatch
-            return ids
-        swap = positions[user & (ids[positions] == t.refer_box)]
-        return ids.index_fill(0, swap, t.refer_feat)
-
     def _to_embedding_scale(self, feats: Tensor, which: int) -> Tensor:
         """RMS-normalise each feature vector and scale it to the token-embedding RMS."""
         normed = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -434,73 +354,6 @@ class GromaPX(BaseModel):
             losses.update(mask_losses(mask_logits, targets, extents, **self.mask_loss))
         return losses
 
-    def _mask_logits(
-        self,
-        perception: Perception,
-        batch: dict[str, Any],
-        inputs: Tensor,
-        cited: Any,
-        hidden: Tensor,
-    ) -> Tensor:
-        """(N, h, w) mask logits of the cited kept rows (``cited.batch_index``, ``cited.rows``)
-        over the padded input, from the mask pyramid and the regions' tokens."""
-        offsets = torch.tensor([0] + batch["num_regions"], device=inputs.device).cumsum(0)[:-1]
-        region_feats = batch["region_feats"][offsets[cited.batch_index] + cited.rows]
-        height, width = inputs.shape[-2:]
-        sizes = perception.pyramids[self.consumers["mask"]].valid_sizes
-        if sizes is None:
-            sizes = torch.tensor([[height, width]] * len(inputs), device=inputs.device)
-        scale = sizes.flip(-1).repeat(1, 2).to(hidden.dtype)  # (B, 4): w, h, w, h
-        boxes = (
-            torch.stack(
-                [
-                    perception.selections[b].boxes[r]
-                    for b, r in zip(cited.batch_index.tolist(), cited.rows.tolist(), strict=True)
-                ]
-            )
-            if len(cited)
-            else hidden.new_zeros(0, 4)
-        )
-        boxes = boxes.to(hidden.dtype) * scale[cited.batch_index]
-        pixels = self.mask_head.pixel_embeddings(
-            perception.pyramids[self.consumers["mask"]], inputs.to(hidden.dtype)
-        )
-        return self.mask_head(
-            pixels, cited.batch_index, boxes, region_feats, (height, width), hidden=hidden
-        )
-
-    def _with_region_logits(
-        self,
-        logits: Tensor,
-        hidden: Tensor,
-        batch: dict[str, Tensor],
-        prefill: Tensor | None = None,
-        token_ids: Tensor | None = None,
-    ) -> Tensor:
-        """``logits`` with the ``<ri>`` columns from the pointer head, if configured
-        (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states and
-        ``token_ids`` the prompt and the tokens generated so far)."""
-        if self.region_head != "pointer":
-            return logits
-        phrase = None
-        if self.region_pointer.phrase_query is not None:
-            ids = batch["input_ids"] if token_ids is None else token_ids
-            phrase = phrase_embeddings(
-                ids,
-                self.llm.embed_tokens(ids),
-                phrase_start=self.token_ids.phrase_start,
-                phrase_end=self.token_ids.phrase_end,
-            )[:, -hidden.shape[1] :]
-        return pointer_logits(
-            self.region_pointer,
-            logits,
-            hidden,
-            batch,
-            self._region_cols,
-            prefill=prefill,
-            phrase=phrase,
-        )
-
     @torch.no_grad()
     def predict(
         self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
@@ -529,60 +382,6 @@ class GromaPX(BaseModel):
             sample.kept_boxes = kept
             sample.gt_boxes_original = to_original_boxes(sample.gt_boxes.float(), sample.metainfo)
         return data_samples
-
-    def _predict_masks(
-        self,
-        perception: Perception,
-        batch: dict[str, Any],
-        inputs: Tensor,
-        generated: Any,
-        data_samples: list[BaseDataElement],
-    ) -> list[dict[int, dict]]:
-        """Per sample, ``{kept row: RLE in original pixels}`` of every region it cites (the
-        hidden state at the first citation conditions the mask)."""
-        out: list[dict[int, dict]] = [{} for _ in data_samples]
-        if self.mask_head is None:
-            return out
-        found = [
-            (b, row, step)
-            for b, tokens in enumerate(generated.tokens)
-            for row, step in first_citations(tokens, self._region_cols, batch["num_regions"][b])
-        ]
-        if not found:
-            return out
-        b_idx, rows, steps = (
-            torch.tensor(v, device=inputs.device) for v in zip(*found, strict=True)
-        )
-        cited = CitedRegions(b_idx, rows, rows, steps)
-        hidden = generated.hidden_states[b_idx, steps]
-        logits = self._mask_logits(perception, batch, inputs, cited, hidden)
-        padded = tuple(inputs.shape[-2:])
-        for (b, row, _), mask in zip(found, logits.float(), strict=True):
-            out[b][row] = logits_to_rle(mask, padded, data_samples[b].metainfo)
-        return out
-
-    def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
-        """The per-step logits hook of generation (None for the linear region head)."""
-        if self.region_head != "pointer":
-            return None
-
-        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
-            ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
-            out = self._with_region_logits(
-                logits[:, None], hidden[:, None], batch, prefill, token_ids=ids
-            )
-            return out[:, 0]
-
-        return logits_fn
-
-    def _decode(self, tokens: Tensor) -> str:
-        ids = tokens.tolist()
-        stops = {self.tokenizer.eos_token_id, self._pad_id}
-        for i, t in enumerate(ids):
-            if t in stops:
-                ids = ids[:i]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _forward(
         self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor

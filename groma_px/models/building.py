@@ -1,0 +1,70 @@
+"""How ``GromaPX`` derives its parts' configs (consumers, the LLM's grounding-token block,
+widths and levels) and freezes what does not train."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from .perception_cache import PerceptionCache
+
+#: Roles that read a backbone output (``GromaPX(consumers=...)``).
+CONSUMER_ROLES = ("proposer", "region", "image", "mask")
+
+
+class PartsConfigMixin:
+    """Config derivation, freezing and the perception cache of ``GromaPX`` (needs
+    ``token_ids``, ``backbone``, ``llm``, ``consumers``, ``frozen``)."""
+
+    def _check_consumers(self, consumers: dict[str, str] | None) -> dict[str, str]:
+        out = {role: "proposer" for role in CONSUMER_ROLES}
+        unknown = set(consumers or {}) - set(CONSUMER_ROLES)
+        if unknown:
+            raise KeyError(f"unknown consumers roles {sorted(unknown)}; known: {CONSUMER_ROLES}")
+        out.update(consumers or {})
+        return out
+
+    def _llm_cfg(self, llm: dict) -> dict:
+        ids = sorted(self.token_ids.all_ids)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError("the tokenizer's grounding tokens must have contiguous ids")
+        cfg = dict(llm, first_new_id=ids[0], num_new_tokens=len(ids))
+        if cfg.get("config") is not None:
+            cfg["config"] = dict(cfg["config"])
+            cfg["config"].setdefault("vocab_size", ids[0])
+        return cfg
+
+    def _width_cfg(self, cfg: dict, role: str, *, levels: bool = False) -> dict:
+        consumer = self.consumers[role]
+        cfg = dict(cfg, out_dim=self.llm.hidden_size)
+        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
+        if levels:
+            cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
+        return cfg
+
+    def _mask_head_cfg(self, cfg: dict) -> dict:
+        consumer = self.consumers["mask"]
+        cfg = dict(cfg, region_dim=self.llm.hidden_size)
+        cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
+        cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
+        return cfg
+
+    def _build_cache(self) -> PerceptionCache:
+        if not {"backbone", "proposer"} <= set(self.frozen):
+            raise ValueError(
+                "cache_perception=True needs 'backbone' and 'proposer' in frozen (cached "
+                f"features of trained modules would go stale); frozen={self.frozen}"
+            )
+        return PerceptionCache([self.consumers[role] for role in ("region", "image", "mask")])
+
+    def _freeze(self) -> None:
+        for name in self.frozen:
+            module = self.get_submodule(name)
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Self:
+        """Frozen sub-modules stay in eval mode (no dropout, fixed norms, inference proposer)."""
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self

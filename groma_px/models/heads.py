@@ -1,0 +1,139 @@
+"""``GromaPX``'s output heads beyond the LLM's: the region pointer's ``<ri>`` logits (training
+and decoding) and the mask head (training logits, masks of the cited regions at predict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mmengine.structures import BaseDataElement
+from torch import Tensor
+
+from ..llm.pointer import phrase_embeddings, pointer_logits
+from .masks import CitedRegions, first_citations, logits_to_rle
+from .outputs import Perception
+
+
+class GroundingHeadsMixin:
+    """Methods of ``GromaPX`` for ``region_head="pointer"`` and ``mask_head``."""
+
+    def _with_region_logits(
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        batch: dict[str, Tensor],
+        prefill: Tensor | None = None,
+        token_ids: Tensor | None = None,
+    ) -> Tensor:
+        """``logits`` with the ``<ri>`` columns from the pointer head, if configured
+        (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states and
+        ``token_ids`` the prompt and the tokens generated so far)."""
+        if self.region_head != "pointer":
+            return logits
+        phrase = None
+        if self.region_pointer.phrase_query is not None:
+            ids = batch["input_ids"] if token_ids is None else token_ids
+            phrase = phrase_embeddings(
+                ids,
+                self.llm.embed_tokens(ids),
+                phrase_start=self.token_ids.phrase_start,
+                phrase_end=self.token_ids.phrase_end,
+            )[:, -hidden.shape[1] :]
+        return pointer_logits(
+            self.region_pointer,
+            logits,
+            hidden,
+            batch,
+            self._region_cols,
+            prefill=prefill,
+            phrase=phrase,
+        )
+
+    def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
+        """The per-step logits hook of generation (None for the linear region head)."""
+        if self.region_head != "pointer":
+            return None
+
+        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
+            ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
+            out = self._with_region_logits(
+                logits[:, None], hidden[:, None], batch, prefill, token_ids=ids
+            )
+            return out[:, 0]
+
+        return logits_fn
+
+    def _mask_logits(
+        self,
+        perception: Perception,
+        batch: dict[str, Any],
+        inputs: Tensor,
+        cited: Any,
+        hidden: Tensor,
+    ) -> Tensor:
+        """(N, h, w) mask logits of the cited kept rows (``cited.batch_index``, ``cited.rows``)
+        over the padded input, from the mask pyramid and the regions' tokens."""
+        offsets = torch.tensor([0] + batch["num_regions"], device=inputs.device).cumsum(0)[:-1]
+        region_feats = batch["region_feats"][offsets[cited.batch_index] + cited.rows]
+        height, width = inputs.shape[-2:]
+        sizes = perception.pyramids[self.consumers["mask"]].valid_sizes
+        if sizes is None:
+            sizes = torch.tensor([[height, width]] * len(inputs), device=inputs.device)
+        scale = sizes.flip(-1).repeat(1, 2).to(hidden.dtype)  # (B, 4): w, h, w, h
+        boxes = (
+            torch.stack(
+                [
+                    perception.selections[b].boxes[r]
+                    for b, r in zip(cited.batch_index.tolist(), cited.rows.tolist(), strict=True)
+                ]
+            )
+            if len(cited)
+            else hidden.new_zeros(0, 4)
+        )
+        boxes = boxes.to(hidden.dtype) * scale[cited.batch_index]
+        pixels = self.mask_head.pixel_embeddings(
+            perception.pyramids[self.consumers["mask"]], inputs.to(hidden.dtype)
+        )
+        return self.mask_head(
+            pixels, cited.batch_index, boxes, region_feats, (height, width), hidden=hidden
+        )
+
+    def _predict_masks(
+        self,
+        perception: Perception,
+        batch: dict[str, Any],
+        inputs: Tensor,
+        generated: Any,
+        data_samples: list[BaseDataElement],
+    ) -> list[dict[int, dict]]:
+        """Per sample, ``{kept row: RLE in original pixels}`` of every region it cites (the
+        hidden state at the first citation conditions the mask)."""
+        out: list[dict[int, dict]] = [{} for _ in data_samples]
+        if self.mask_head is None:
+            return out
+        found = [
+            (b, row, step)
+            for b, tokens in enumerate(generated.tokens)
+            for row, step in first_citations(tokens, self._region_cols, batch["num_regions"][b])
+        ]
+        if not found:
+            return out
+        b_idx, rows, steps = (
+            torch.tensor(v, device=inputs.device) for v in zip(*found, strict=True)
+        )
+        cited = CitedRegions(b_idx, rows, rows, steps)
+        hidden = generated.hidden_states[b_idx, steps]
+        logits = self._mask_logits(perception, batch, inputs, cited, hidden)
+        padded = tuple(inputs.shape[-2:])
+        for (b, row, _), mask in zip(found, logits.float(), strict=True):
+            out[b][row] = logits_to_rle(mask, padded, data_samples[b].metainfo)
+        return out
+
+    def _decode(self, tokens: Tensor) -> str:
+        ids = tokens.tolist()
+        stops = {self.tokenizer.eos_token_id, self._pad_id}
+        for i, t in enumerate(ids):
+            if t in stops:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
