@@ -39,6 +39,27 @@ DETERMINISTIC = {
     "model.selector.shuffle": False,
 }
 
+#: Source of a hook module that kills training (SIGKILL) at the end of iteration
+#: ``$SIGKILL_AT_ITER``, after that iteration's checkpoint: write it into a directory that the
+#: config's ``custom_imports`` reaches (the kill-and-resume tests).
+SIGKILL_HOOK_SOURCE = """import os
+import signal
+
+from mmengine.hooks import Hook
+
+from groma_px.registry import HOOKS
+
+
+@HOOKS.register_module()
+class SigkillAtIterHook(Hook):
+    # SIGKILL at the end of iteration $SIGKILL_AT_ITER, after that iteration's checkpoint.
+    priority = "LOWEST"
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if str(runner.iter + 1) == os.environ.get("SIGKILL_AT_ITER"):
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
 
 @dataclass(frozen=True)
 class TinyWorkspace:

@@ -156,9 +156,12 @@ class QueryMaskHead(nn.Module):
         )
         return self.region_conv(pixels[batch_index] + self.rel_embed(rel))
 
-    def queries(self, region_feats: Tensor, hidden: Tensor | None) -> Tensor:
-        """(N, C) region queries."""
-        return self.query(region_feats)
+    def refine(
+        self, region_pix: Tensor, region_feats: Tensor, hidden: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(N, C) queries and the (N, C, h, w) pixel embeddings they are dotted with: here the
+        region token's MLP and the pixels unchanged."""
+        return self.query(region_feats), region_pix
 
     def forward(
         self,
@@ -177,20 +180,24 @@ class QueryMaskHead(nn.Module):
             boxes: (N, 4) absolute xyxy in padded-input pixels.
             region_feats: (N, D) the regions' tokens.
             image_hw: (H, W) of the padded input.
-            hidden: (N, D) LLM hidden states that predicted each cited ``<rK>``; used by heads
-                with ``conditions_on_hidden``.
+            hidden: (N, D) LLM hidden states that predicted each cited ``<rK>``; required by
+                heads with ``conditions_on_hidden``.
 
         Returns:
             (N, h, w) logits at ``mask_stride`` over the padded input.
         """
+        if self.conditions_on_hidden and hidden is None:
+            raise ValueError(f"{type(self).__name__} needs the LLM hidden state of each cited <rK>")
         if len(batch_index) == 0:  # still in the graph of every parameter (DDP)
             touch = sum(p.sum() for p in self.parameters()) + pixels.sum()
             return pixels.new_zeros(0, *pixels.shape[-2:]) + 0 * touch
         region_pix = self.region_pixels(pixels, batch_index, boxes, image_hw)
-        query = self.queries(region_feats.to(pixels.dtype), hidden)
-        return torch.einsum("nc,nchw->nhw", query, region_pix) / math.sqrt(self.embed_dim) + (
-            self.bias
+        dtype = pixels.dtype
+        query, region_pix = self.refine(
+            region_pix, region_feats.to(dtype), None if hidden is None else hidden.to(dtype)
         )
+        logits = torch.einsum("nc,nchw->nhw", query, region_pix)
+        return logits / math.sqrt(self.embed_dim) + self.bias
 
 
 @MODELS.register_module()
@@ -217,28 +224,14 @@ class LLMMaskHead(QueryMaskHead):
             TwoWayBlock(self.embed_dim, num_heads) for _ in range(refine_layers)
         )
 
-    def forward(
-        self,
-        pixels: Tensor,
-        batch_index: Tensor,
-        boxes: Tensor,
-        region_feats: Tensor,
-        image_hw: tuple[int, int],
-        hidden: Tensor | None = None,
-    ) -> Tensor:
-        if hidden is None:
-            raise ValueError("LLMMaskHead needs the LLM hidden state of each cited <rK>")
-        if len(batch_index) == 0:
-            return super().forward(pixels, batch_index, boxes, region_feats, image_hw, hidden)
-        region_pix = self.region_pixels(pixels, batch_index, boxes, image_hw)
+    def refine(
+        self, region_pix: Tensor, region_feats: Tensor, hidden: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Tokens [region query, hidden query] and the pixels through the two-way blocks; the
+        query is the sum of the refined tokens."""
         n, c, h, w = region_pix.shape
-        tokens = torch.stack(
-            [self.query(region_feats.to(pixels.dtype)), self.hidden_query(hidden.to(pixels.dtype))],
-            dim=1,
-        )
+        tokens = torch.stack([self.query(region_feats), self.hidden_query(hidden)], dim=1)
         flat = region_pix.flatten(2).transpose(1, 2)  # (N, hw, C)
         for block in self.blocks:
             tokens, flat = block(tokens, flat)
-        query = tokens.sum(1)
-        region_pix = flat.transpose(1, 2).reshape(n, c, h, w)
-        return torch.einsum("nc,nchw->nhw", query, region_pix) / math.sqrt(c) + self.bias
+        return tokens.sum(1), flat.transpose(1, 2).reshape(n, c, h, w)

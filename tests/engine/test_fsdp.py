@@ -4,8 +4,6 @@ batch; the checkpoints hold a real optimizer state (``CompatFSDPStrategy``'s two
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
@@ -13,26 +11,7 @@ from groma_px.engine import tiny_runs
 
 ITERS = 6
 
-KILL_HOOK = textwrap.dedent(
-    """
-    import os
-    import signal
-
-    from mmengine.hooks import Hook
-
-    from groma_px.registry import HOOKS
-
-
-    @HOOKS.register_module()
-    class SigkillAtIterHook(Hook):
-        # SIGKILL at the end of iteration $SIGKILL_AT_ITER, after that iteration's checkpoint.
-        priority = "LOWEST"
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if str(runner.iter + 1) == os.environ.get("SIGKILL_AT_ITER"):
-                os.kill(os.getpid(), signal.SIGKILL)
-    """
-)
+KILL_HOOK = tiny_runs.SIGKILL_HOOK_SOURCE
 
 
 @pytest.mark.slow

@@ -18,26 +18,10 @@ from groma_px.engine.checkpoint import PARTIAL_SUFFIX
 ITERS = 6
 INTERVAL = 2
 
-CRASH_HOOKS = textwrap.dedent(
+CRASH_HOOKS = tiny_runs.SIGKILL_HOOK_SOURCE + textwrap.dedent(
     """
-    import os
-    import signal
 
     from mmengine.fileio.backends import LocalBackend
-    from mmengine.hooks import Hook
-
-    from groma_px.registry import HOOKS
-
-
-    @HOOKS.register_module()
-    class SigkillAtIterHook(Hook):
-        # SIGKILL at the end of iteration $SIGKILL_AT_ITER, after that iteration's checkpoint.
-        priority = "LOWEST"
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if str(runner.iter + 1) == os.environ.get("SIGKILL_AT_ITER"):
-                os.kill(os.getpid(), signal.SIGKILL)
-
 
     _put = LocalBackend.put
 

@@ -118,16 +118,21 @@ def scene_regions(scene: Scene, rles: list[dict[str, Any]]) -> list[dict[str, An
 
 def rec_conversations(scene: Scene, rng: np.random.Generator) -> list[Conversation]:
     """One referring-expression conversation per object that has an unambiguous expression."""
-    out = []
-    for target in range(len(scene.objects)):
-        expression = find_unique_expression(scene, target, rng)
-        if expression is None:
-            continue
-        text = expression.render()
-        question = "[grounding] " + _pick(rng, REC_QUESTIONS).format(text)
-        meta = {"target": [target], "expression": text, "relational": expression.anchor is not None}
-        out.append((_turns(question, _ground(text), asked=[], answered=[target]), meta))
-    return out
+    found = (_referring(scene, t, rng, REC_QUESTIONS) for t in range(len(scene.objects)))
+    return [conversation for conversation in found if conversation is not None]
+
+
+def _referring(
+    scene: Scene, target: int, rng: np.random.Generator, questions: tuple[str, ...]
+) -> Conversation | None:
+    """A grounded question about ``target`` by its unique expression, or None if it has none."""
+    expression = find_unique_expression(scene, target, rng)
+    if expression is None:
+        return None
+    text = expression.render()
+    question = "[grounding] " + _pick(rng, questions).format(text)
+    meta = {"target": [target], "expression": text, "relational": expression.anchor is not None}
+    return _turns(question, _ground(text), asked=[], answered=[target]), meta
 
 
 def res_conversations(scene: Scene, rng: np.random.Generator) -> list[Conversation]:
@@ -139,14 +144,10 @@ def res_conversations(scene: Scene, rng: np.random.Generator) -> list[Conversati
     """
     out = []
     for k in rng.permutation(len(scene.objects)):
-        target = int(k)
-        expression = find_unique_expression(scene, target, rng)
-        if expression is None:
+        conversation = _referring(scene, int(k), rng, RES_QUESTIONS)
+        if conversation is None:
             continue
-        text = expression.render()
-        question = "[grounding] " + _pick(rng, RES_QUESTIONS).format(text)
-        meta = {"target": [target], "expression": text, "relational": expression.anchor is not None}
-        out.append((_turns(question, _ground(text), asked=[], answered=[target]), meta))
+        out.append(conversation)
         if len(out) == MAX_RES:
             break
     return out
