@@ -91,6 +91,7 @@ model = dict(
     max_new_tokens=8,
     region_head="pointer",
     region_pointer=dict(phrase_query=True),
+    copy_head=dict(),
     mask_head=dict(type="LLMMaskHead", embed_dim=16, hidden_dim=32),
     mask_loss=dict(num_points=256, max_masks=8),
     data_preprocessor=dict(type="ProposerDataPreprocessor", pad_size_divisor=16),

@@ -18,6 +18,7 @@ from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
+from ..llm.copy_head import CopyHead
 from ..llm.pointer import RegionPointerHead
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
@@ -77,6 +78,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             against region i's prompt-slot state and feature). Defaults to "linear".
         region_pointer: Keyword arguments of ``RegionPointerHead`` (``dim``, ``phrase_query``)
             when ``region_head="pointer"``. Defaults to None.
+        copy_head: Keyword arguments of ``CopyHead`` (``dim``): the answer may copy text
+            tokens of the prompt (pointer-generator), so the phrase it cites repeats the
+            question's words. None: off. Defaults to None.
         token_average: Normalise the loss by the supervised tokens of the ``"global"`` batch
             (all data-parallel ranks: the gradient then equals one process's on the whole
             batch) or of each rank's ``"local"`` one. Same on one process. Defaults to "global".
@@ -114,6 +118,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         region_loss_weight: float = 1.0,
         region_head: str = "linear",
         region_pointer: dict | None = None,
+        copy_head: dict | None = None,
         token_average: str = "global",
         mask_head: dict | None = None,
         mask_loss: dict | None = None,
@@ -161,6 +166,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self.token_average = token_average
         if region_head == "pointer":
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
+        self.copy_head = (
+            None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
+        )
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)
@@ -335,7 +343,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         perception = self.perceive(inputs, data_samples, valid_sizes)
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-        logits = self._with_region_logits(out.logits, out.hidden_states, batch)
+        logits = self._output_logits(
+            out.logits, out.hidden_states, batch, supervised_only=True
+        )
         losses = next_token_loss(
             logits[:, :-1].float(),
             batch["labels"][:, 1:],
@@ -389,5 +399,5 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         perception = self.perceive(inputs, data_samples, valid_sizes)
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-        logits = self._with_region_logits(out.logits, out.hidden_states, batch)
+        logits = self._output_logits(out.logits, out.hidden_states, batch)
         return {"logits": logits, "region_tokens": padded_region_tokens(perception, batch)}

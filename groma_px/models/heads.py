@@ -9,13 +9,78 @@ import torch
 from mmengine.structures import BaseDataElement
 from torch import Tensor
 
+from ..llm.copy_head import copy_sources, previous_tokens
 from ..llm.pointer import phrase_embeddings, pointer_logits
+from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
 from .outputs import Perception
 
 
 class GroundingHeadsMixin:
-    """Methods of ``GromaPX`` for ``region_head="pointer"`` and ``mask_head``."""
+    """Methods of ``GromaPX`` for ``region_head="pointer"``, ``copy_head`` and ``mask_head``."""
+
+    def _output_logits(
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        batch: dict[str, Tensor],
+        prefill: Tensor | None = None,
+        token_ids: Tensor | None = None,
+        *,
+        supervised_only: bool = False,
+    ) -> Tensor:
+        """The LLM's logits with the pointer's ``<ri>`` columns and the copy head applied (the
+        arguments as for :meth:`_with_region_logits` and :meth:`_with_copy_logits`)."""
+        logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids)
+        return self._with_copy_logits(
+            logits, hidden, batch, prefill, token_ids, supervised_only=supervised_only
+        )
+
+    def _with_copy_logits(
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        batch: dict[str, Tensor],
+        prefill: Tensor | None = None,
+        token_ids: Tensor | None = None,
+        *,
+        supervised_only: bool = False,
+    ) -> Tensor:
+        """``logits`` mixed with ``CopyHead`` scores over the prompt's text, if configured.
+
+        Teacher-forced (``prefill`` None), position t may copy sources s <= t;
+        ``supervised_only`` mixes only the positions that predict a supervised token (the
+        others keep the LLM's logits; the loss reads no other). While decoding, the query is
+        the latest token and the sources are the whole prompt."""
+        if self.copy_head is None:
+            return logits
+        prompt = batch["input_ids"]
+        valid = copy_sources(batch, self.llm.first_new_id)
+        source = hidden if prefill is None else prefill
+        keys = self.copy_head.keys(source, self.llm.embed_tokens(previous_tokens(prompt)))
+        if prefill is not None:
+            current = self.llm.embed_tokens(token_ids[:, -hidden.shape[1] :])
+            return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None, :])
+        positions = torch.arange(prompt.shape[1], device=prompt.device)
+        causal = positions[None, :] <= positions[:, None]  # (t, s): s <= t
+        if not supervised_only:
+            current = self.llm.embed_tokens(prompt)
+            return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None] & causal)
+        need = torch.zeros_like(valid)
+        need[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        rows, cols = need.nonzero(as_tuple=True)
+        mask = valid[rows] & causal[cols]
+        mixed = self.copy_head(
+            logits[rows, cols][:, None],
+            hidden[rows, cols][:, None],
+            self.llm.embed_tokens(prompt[rows, cols])[:, None],
+            keys[rows],
+            prompt[rows],
+            mask[:, None, :],
+        )
+        out = logits.clone()
+        out[rows, cols] = mixed[:, 0]
+        return out
 
     def _with_region_logits(
         self,
@@ -50,13 +115,14 @@ class GroundingHeadsMixin:
         )
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
-        """The per-step logits hook of generation (None for the linear region head)."""
-        if self.region_head != "pointer":
+        """The per-step logits hook of generation (None for the linear region head and no copy
+        head)."""
+        if self.region_head != "pointer" and self.copy_head is None:
             return None
 
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
-            out = self._with_region_logits(
+            out = self._output_logits(
                 logits[:, None], hidden[:, None], batch, prefill, token_ids=ids
             )
             return out[:, 0]

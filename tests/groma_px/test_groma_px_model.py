@@ -62,6 +62,7 @@ def test_loss_backward_reaches_every_trainable_parameter(build_model, make_batch
         "image_tokenizer",
         "feature_gain",
         "region_pointer",
+        "copy_head",
         "mask_head",
     }
     for name in FROZEN_PERCEPTION:
@@ -101,6 +102,7 @@ def test_frozen_llm_trains_only_new_rows_region_encoder_and_image_tokens(build_m
         "image_tokenizer",
         "feature_gain",
         "region_pointer",
+        "copy_head",
         "mask_head",
     }
     assert not model.llm.model.training

@@ -1,0 +1,104 @@
+"""``CopyHead``: lets the answer copy text tokens from the prompt (pointer-generator style).
+
+A grounded answer usually repeats words of the question: "Find the blue star." ->
+``<p>the blue star</p><roi><r3></roi>``, and the region pointer reads the phrase the answer
+wrote. A small LLM trained from scratch on a CPU budget learns to copy slowly (it needs an
+induction-head circuit), so it writes "the red star" and then points at a red star. The copy head
+is that circuit written down: position t (current token ``x_t``, hidden ``h_t``) attends over the
+prompt's text positions s, keyed by ``(h_s, x_{s-1})``, and the attention mass at s votes for the
+token ``x_s`` — "what followed the current token in the prompt comes next".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .sequence import IGNORE_INDEX
+
+
+class CopyHead(nn.Module):
+    """Copy scores ``q(h_t, e(x_t)) . k(h_s, e(x_{s-1})) / sqrt(d)`` of source positions s.
+
+    The output distribution is one softmax over the LLM's logits and the copy scores of every
+    source position, each source's mass going to the token it holds (See et al., 2017, with the
+    gate folded into the shared softmax): ``final[v] = log(exp(logits[v]) + sum_{s: x_s = v}
+    exp(score_s))``. Tokens not in the prompt keep their logits, so the head can only add
+    probability to what the prompt says.
+
+    Args:
+        hidden_size: The LLM's hidden size D (also the token-embedding width).
+        dim: Width of queries and keys. Defaults to D // 2.
+    """
+
+    def __init__(self, hidden_size: int, dim: int | None = None) -> None:
+        super().__init__()
+        dim = dim or max(1, hidden_size // 2)
+        self.query = nn.Sequential(nn.LayerNorm(2 * hidden_size), nn.Linear(2 * hidden_size, dim))
+        self.key = nn.Sequential(nn.LayerNorm(2 * hidden_size), nn.Linear(2 * hidden_size, dim))
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def keys(self, source_hidden: Tensor, source_previous: Tensor) -> Tensor:
+        """(B, S, d) keys of source positions from their hidden states (B, S, D) and the
+        embeddings of the tokens before them (B, S, D)."""
+        return self.key(torch.cat([source_hidden, source_previous], dim=-1))
+
+    def forward(
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        current: Tensor,
+        keys: Tensor,
+        source_ids: Tensor,
+        source_mask: Tensor,
+    ) -> Tensor:
+        """Logits mixed with copy scores.
+
+        Args:
+            logits: (N, L', V) next-token logits at the query positions.
+            hidden: (N, L', D) hidden states at the query positions.
+            current: (N, L', D) embeddings of the tokens at the query positions (``x_t``).
+            keys: (N, S, d) source keys (:meth:`keys`).
+            source_ids: (N, S) long token each source holds (``x_s``), ids in ``[0, V)``.
+            source_mask: (N, L', S) or (N, 1, S) bool: which sources each query may copy.
+
+        Returns:
+            (N, L', V) ``final`` as above, in ``logits``' dtype.
+        """
+        query = self.query(torch.cat([hidden, current], dim=-1))
+        scores = torch.einsum("bld,bsd->bls", query, keys).float() * self.scale
+        scores = scores.masked_fill(~source_mask, float("-inf"))
+        # log sum_{s: x_s = v} exp(score_s), stabilised by the row max.
+        top = scores.amax(-1, keepdim=True).clamp(min=-1e4).detach()  # rows with no source
+        mass = scores.new_zeros(*scores.shape[:2], logits.shape[-1])
+        index = source_ids[:, None, :].expand(-1, scores.shape[1], -1)
+        mass = mass.scatter_add(-1, index, torch.exp(scores - top))
+        # A token not in the sources gets ~exp(-69) of extra mass (no log(0): its gradient is NaN).
+        copy = torch.log(mass.clamp(min=1e-30)) + top
+        return torch.logaddexp(logits.float(), copy).to(logits.dtype)
+
+
+def copy_sources(batch: dict[str, Tensor], first_new_id: int) -> Tensor:
+    """(B, L) bool: the positions of a collated batch an answer may copy from.
+
+    A source is a real (attended) prompt position (``labels`` ignored, so never a supervised
+    answer token) holding a text token (id below ``first_new_id``: no grounding token), outside
+    the image and region slots, and not the first position (it has no previous token).
+    """
+    ids = batch["input_ids"]
+    valid = (
+        batch["attention_mask"].bool()
+        & (batch["labels"] == IGNORE_INDEX)
+        & ~batch["image_slots"].bool()
+        & (batch["region_slots"] < 0)
+        & (ids < first_new_id)
+    )
+    valid[:, 0] = False
+    return valid
+
+
+def previous_tokens(ids: Tensor) -> Tensor:
+    """(B, L) ids shifted right by one (position 0 repeats itself): ``x_{s-1}`` of each s."""
+    return torch.cat([ids[:, :1], ids[:, :-1]], dim=1)

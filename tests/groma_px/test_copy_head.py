@@ -1,0 +1,128 @@
+"""CopyHead (groma_px/llm/copy_head.py): the mixture maths, and GromaPX's decode-time logits
+against teacher-forced ones with the copy head and the region pointer on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from groma_px.llm.copy_head import CopyHead, copy_sources, previous_tokens
+from groma_px.llm.generation import greedy_generate
+from groma_px.llm.sequence import IGNORE_INDEX
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_copy_mixture_is_one_softmax_over_vocabulary_and_sources():
+    torch.manual_seed(0)
+    head = CopyHead(8, dim=4)
+    logits = torch.randn(2, 3, 6)
+    hidden, current = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    src_hidden, src_prev = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    src_ids = torch.tensor([[1, 1, 4, 2, 0], [3, 3, 3, 5, 5]])
+    mask = torch.ones(2, 3, 5, dtype=torch.bool)
+    mask[0, :, 4] = False  # source 4 of sample 0 may not be copied
+    mask[1, 0] = False  # query 0 of sample 1 has no source at all
+    out = head(logits, hidden, current, head.keys(src_hidden, src_prev), src_ids, mask)
+    q = head.query(torch.cat([hidden, current], -1))
+    k = head.key(torch.cat([src_hidden, src_prev], -1))
+    scores = torch.einsum("bld,bsd->bls", q, k) * head.scale
+    for b in range(2):
+        for t in range(3):
+            expected = logits[b, t].exp().clone()
+            for s in range(5):
+                if mask[b, t, s]:
+                    expected[src_ids[b, s]] += scores[b, t, s].exp()
+            torch.testing.assert_close(out[b, t], expected.log(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1, 0], logits[1, 0])  # nothing to copy: logits unchanged
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_copy_sources_are_attended_unsupervised_text_outside_slots():
+    batch = {
+        "input_ids": torch.tensor([[1, 5, 6, 90, 7, 8]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[IGNORE_INDEX] * 4 + [7, IGNORE_INDEX]]),
+        "image_slots": torch.tensor([[False, False, True, False, False, False]]),
+        "region_slots": torch.tensor([[-1, -1, -1, -1, -1, -1]]),
+    }
+    # 0: first position; 2: image slot; 3: grounding id (>= 50); 4: supervised; 5: padding.
+    assert copy_sources(batch, first_new_id=50).tolist() == [[False, True, False, False, False, False]]
+    assert previous_tokens(batch["input_ids"]).tolist() == [[1, 1, 5, 6, 90, 7]]
+
+
+def test_copy_and_pointer_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch):
+    model = build_model(
+        selector=dict(score_thr=0.0),
+        region_head="pointer",
+        region_pointer=dict(phrase_query=True),
+        copy_head=dict(),
+    ).eval()
+    data = model.data_preprocessor(make_batch([0], "test"), False)
+    with torch.no_grad():
+        perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+        batch = model._embed(perception, data["data_samples"], padding_side="left")
+        seen = []
+        decode_fn = model._decode_logits_fn(batch)
+        ids = model.token_ids
+        # A word of the question inside a phrase, so the copy head has something to copy.
+        word = int(batch["input_ids"][0, -3])
+        forced = [ids.phrase_start, word, ids.phrase_end, ids.roi_start]
+
+        def forcing(logits, hidden, prefill, so_far):
+            seen.append(decode_fn(logits, hidden, prefill, so_far))
+            step = so_far.shape[1]
+            if step < len(forced):
+                out = torch.full_like(seen[-1], -1e9)
+                out[:, forced[step]] = 0.0
+                return out
+            return seen[-1]
+
+        gen = greedy_generate(
+            model.llm,
+            batch["inputs_embeds"],
+            batch["attention_mask"],
+            max_new_tokens=8,
+            eos_token_id=model.tokenizer.eos_token_id,
+            pad_token_id=model._pad_id,
+            logits_fn=forcing,
+        )
+        tokens = gen.tokens[:, : len(seen)]
+        n = tokens.shape[1]
+        embeds = torch.cat([batch["inputs_embeds"], model.llm.embed_tokens(tokens)], dim=1)
+        full = {
+            "input_ids": torch.cat([batch["input_ids"], tokens], dim=1),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1),
+            "labels": torch.cat([batch["labels"], tokens], dim=1),  # generated: not sources
+            "image_slots": torch.cat([batch["image_slots"], torch.zeros_like(tokens).bool()], 1),
+            "region_slots": torch.cat([batch["region_slots"], torch.full_like(tokens, -1)], 1),
+        }
+        out = model.llm(embeds, attention_mask=full["attention_mask"])
+        teacher = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
+    assert n > len(forced)
+    length = batch["input_ids"].shape[1]
+    for step, logits in enumerate(seen):
+        torch.testing.assert_close(logits, teacher[:, length - 1 + step], atol=1e-4, rtol=1e-4)
+    # The copy head moved probability: the forced question word gained mass at step 1.
+    plain = model._with_region_logits(out.logits, out.hidden_states, dict(batch, **full))
+    at = length  # predicts the token after <p>
+    assert teacher[0, at].log_softmax(-1)[word] > plain[0, at].log_softmax(-1)[word]
+
+
+def test_supervised_only_mixing_equals_full_mixing_where_the_loss_reads(build_model, make_batch):
+    model = build_model(region_head="pointer", copy_head=dict()).eval()
+    data = model.data_preprocessor(make_batch([0, 10, 17]), True)
+    with torch.no_grad():
+        perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+        batch = model._embed(perception, data["data_samples"], padding_side="right")
+        out = model.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+        full = model._output_logits(out.logits, out.hidden_states, batch)
+        fast = model._output_logits(out.logits, out.hidden_states, batch, supervised_only=True)
+        plain = model._with_region_logits(out.logits, out.hidden_states, batch)
+    read = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    read[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert read.sum() > 0
+    torch.testing.assert_close(fast[read], full[read])
+    assert torch.equal(fast[~read], plain[~read])
+    assert not torch.allclose(full[read], plain[read])  # the copy head did mix there
