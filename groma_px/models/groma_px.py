@@ -16,9 +16,9 @@ from region_proposer.pretrain import with_in_channels
 from region_proposer.pretrain.transforms import to_original_boxes
 from region_proposer.structures import FeaturePyramid, Proposals
 
+from ..llm.copy_head import CopyHead
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.copy_head import CopyHead
 from ..llm.pointer import RegionPointerHead
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
@@ -166,9 +166,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self.token_average = token_average
         if region_head == "pointer":
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
-        self.copy_head = (
-            None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
-        )
+        self.copy_head = None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)
@@ -343,9 +341,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         perception = self.perceive(inputs, data_samples, valid_sizes)
         batch = self._embed(perception, data_samples, padding_side="right")
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-        logits = self._output_logits(
-            out.logits, out.hidden_states, batch, supervised_only=True
-        )
+        logits = self._output_logits(out.logits, out.hidden_states, batch, supervised_only=True)
         losses = next_token_loss(
             logits[:, :-1].float(),
             batch["labels"][:, 1:],

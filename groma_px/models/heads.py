@@ -28,12 +28,19 @@ class GroundingHeadsMixin:
         token_ids: Tensor | None = None,
         *,
         supervised_only: bool = False,
+        copy_keys: Tensor | None = None,
     ) -> Tensor:
         """The LLM's logits with the pointer's ``<ri>`` columns and the copy head applied (the
         arguments as for :meth:`_with_region_logits` and :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids)
         return self._with_copy_logits(
-            logits, hidden, batch, prefill, token_ids, supervised_only=supervised_only
+            logits,
+            hidden,
+            batch,
+            prefill,
+            token_ids,
+            supervised_only=supervised_only,
+            keys=copy_keys,
         )
 
     def _with_copy_logits(
@@ -45,19 +52,22 @@ class GroundingHeadsMixin:
         token_ids: Tensor | None = None,
         *,
         supervised_only: bool = False,
+        keys: Tensor | None = None,
     ) -> Tensor:
         """``logits`` mixed with ``CopyHead`` scores over the prompt's text, if configured.
 
         Teacher-forced (``prefill`` None), position t may copy sources s <= t;
         ``supervised_only`` mixes only the positions that predict a supervised token (the
         others keep the LLM's logits; the loss reads no other). While decoding, the query is
-        the latest token and the sources are the whole prompt."""
+        the latest token and the sources are the whole prompt (``keys``: their copy keys, if
+        already computed)."""
         if self.copy_head is None:
             return logits
         prompt = batch["input_ids"]
         valid = copy_sources(batch, self.llm.first_new_id)
-        source = hidden if prefill is None else prefill
-        keys = self.copy_head.keys(source, self.llm.embed_tokens(previous_tokens(prompt)))
+        if keys is None:
+            source = hidden if prefill is None else prefill
+            keys = self.copy_head.keys(source, self.llm.embed_tokens(previous_tokens(prompt)))
         if prefill is not None:
             current = self.llm.embed_tokens(token_ids[:, -hidden.shape[1] :])
             return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None, :])
@@ -120,10 +130,21 @@ class GroundingHeadsMixin:
         if self.region_head != "pointer" and self.copy_head is None:
             return None
 
+        copy_keys: list[Tensor] = []  # the prompt's copy keys, computed at the first step
+
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
+            if self.copy_head is not None and not copy_keys:
+                prompt = batch["input_ids"]
+                previous = self.llm.embed_tokens(previous_tokens(prompt))
+                copy_keys.append(self.copy_head.keys(prefill, previous))
             out = self._output_logits(
-                logits[:, None], hidden[:, None], batch, prefill, token_ids=ids
+                logits[:, None],
+                hidden[:, None],
+                batch,
+                prefill,
+                token_ids=ids,
+                copy_keys=copy_keys[0] if copy_keys else None,
             )
             return out[:, 0]
 

@@ -48,7 +48,9 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
         "region_slots": torch.tensor([[-1, -1, -1, -1, -1, -1]]),
     }
     # 0: first position; 2: image slot; 3: grounding id (>= 50); 4: supervised; 5: padding.
-    assert copy_sources(batch, first_new_id=50).tolist() == [[False, True, False, False, False, False]]
+    assert copy_sources(batch, first_new_id=50).tolist() == [
+        [False, True, False, False, False, False]
+    ]
     assert previous_tokens(batch["input_ids"]).tolist() == [[1, 1, 5, 6, 90, 7]]
 
 
