@@ -25,7 +25,7 @@ class CopyHead(nn.Module):
     The output distribution is one softmax over the LLM's logits and the copy scores of every
     source position, each source's mass going to the token it holds (See et al., 2017, with the
     gate folded into the shared softmax): ``final[v] = log(exp(logits[v]) + sum_{s: x_s = v}
-    exp(score_s))``. Tokens not in the prompt keep their logits, so the head can only add
+    exp(score_s))``. Tokens not in the prompt keep their logits exactly, so the head can only add
     probability to what the prompt says.
 
     Args:
@@ -75,9 +75,12 @@ class CopyHead(nn.Module):
         mass = scores.new_zeros(*scores.shape[:2], logits.shape[-1])
         index = source_ids[:, None, :].expand(-1, scores.shape[1], -1)
         mass = mass.scatter_add(-1, index, torch.exp(scores - top))
-        # A token not in the sources gets ~exp(-69) of extra mass (no log(0): its gradient is NaN).
-        copy = torch.log(mass.clamp(min=1e-30)) + top
-        return torch.logaddexp(logits.float(), copy).to(logits.dtype)
+        # Tokens not in the sources keep their logits exactly (e.g. masked region columns);
+        # log(1) stands in for their log(0), whose gradient would be NaN.
+        present = mass > 0
+        copy = torch.log(torch.where(present, mass, torch.ones_like(mass))) + top
+        mixed = torch.where(present, torch.logaddexp(logits.float(), copy), logits.float())
+        return mixed.to(logits.dtype)
 
 
 def copy_sources(batch: dict[str, Tensor], first_new_id: int) -> Tensor:
