@@ -66,8 +66,7 @@ class GroundingHeadsMixin:
         prompt = batch["input_ids"]
         valid = copy_sources(batch, self.llm.first_new_id)
         if keys is None:
-            source = hidden if prefill is None else prefill
-            keys = self.copy_head.keys(source, self.llm.embed_tokens(previous_tokens(prompt)))
+            keys = self._copy_keys(hidden if prefill is None else prefill, prompt)
         if prefill is not None:
             current = self.llm.embed_tokens(token_ids[:, -hidden.shape[1] :])
             return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None, :])
@@ -91,6 +90,10 @@ class GroundingHeadsMixin:
         out = logits.clone()
         out[rows, cols] = mixed[:, 0]
         return out
+
+    def _copy_keys(self, source_hidden: Tensor, prompt: Tensor) -> Tensor:
+        """(B, L, d) copy keys of every prompt position (hidden state, previous token)."""
+        return self.copy_head.keys(source_hidden, self.llm.embed_tokens(previous_tokens(prompt)))
 
     def _with_region_logits(
         self,
@@ -135,9 +138,7 @@ class GroundingHeadsMixin:
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
             if self.copy_head is not None and not copy_keys:
-                prompt = batch["input_ids"]
-                previous = self.llm.embed_tokens(previous_tokens(prompt))
-                copy_keys.append(self.copy_head.keys(prefill, previous))
+                copy_keys.append(self._copy_keys(prefill, batch["input_ids"]))
             out = self._output_logits(
                 logits[:, None],
                 hidden[:, None],
