@@ -26,22 +26,13 @@ class GroundingHeadsMixin:
         batch: dict[str, Tensor],
         prefill: Tensor | None = None,
         token_ids: Tensor | None = None,
-        *,
-        supervised_only: bool = False,
-        copy_keys: Tensor | None = None,
+        **copy_options: Any,
     ) -> Tensor:
         """The LLM's logits with the pointer's ``<ri>`` columns and the copy head applied (the
-        arguments as for :meth:`_with_region_logits` and :meth:`_with_copy_logits`)."""
+        arguments as for :meth:`_with_region_logits`; ``copy_options`` (``supervised_only``,
+        ``keys``) go to :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids)
-        return self._with_copy_logits(
-            logits,
-            hidden,
-            batch,
-            prefill,
-            token_ids,
-            supervised_only=supervised_only,
-            keys=copy_keys,
-        )
+        return self._with_copy_logits(logits, hidden, batch, prefill, token_ids, **copy_options)
 
     def _with_copy_logits(
         self,
@@ -145,7 +136,7 @@ class GroundingHeadsMixin:
                 batch,
                 prefill,
                 token_ids=ids,
-                copy_keys=copy_keys[0] if copy_keys else None,
+                keys=copy_keys[0] if copy_keys else None,
             )
             return out[:, 0]
 

@@ -1,5 +1,5 @@
 """CopyHead (groma_px/llm/copy_head.py): the mixture maths, and GromaPX's decode-time logits
-against teacher-forced ones with the copy head and the region pointer on."""
+against teacher-forced ones with the region pointer (phrase query) and with the copy head."""
 
 from __future__ import annotations
 
@@ -54,12 +54,13 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
     assert previous_tokens(batch["input_ids"]).tolist() == [[1, 1, 5, 6, 90, 7]]
 
 
-def test_copy_and_pointer_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch):
+@pytest.mark.parametrize("copy_head", [None, {}], ids=["pointer", "pointer+copy"])
+def test_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch, copy_head):
     model = build_model(
         selector=dict(score_thr=0.0),
         region_head="pointer",
         region_pointer=dict(phrase_query=True),
-        copy_head=dict(),
+        copy_head=copy_head,
     ).eval()
     data = model.data_preprocessor(make_batch([0], "test"), False)
     with torch.no_grad():
@@ -102,10 +103,12 @@ def test_copy_and_pointer_logits_while_decoding_equal_teacher_forced_ones(build_
         }
         out = model.llm(embeds, attention_mask=full["attention_mask"])
         teacher = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
-    assert n > len(forced)
+    assert n > len(forced)  # the step after <roi> scored regions with the phrase
     length = batch["input_ids"].shape[1]
     for step, logits in enumerate(seen):
         torch.testing.assert_close(logits, teacher[:, length - 1 + step], atol=1e-4, rtol=1e-4)
+    if copy_head is None:
+        return
     # The copy head moved probability: the forced question word gained mass at step 1.
     plain = model._with_region_logits(out.logits, out.hidden_states, dict(batch, **full))
     at = length  # predicts the token after <p>

@@ -153,59 +153,7 @@ def test_pointer_region_head_scores_only_existing_regions(build_model, make_batc
         build_model(region_head="mlp")
 
 
-def test_pointer_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch):
-    from groma_px.llm.generation import greedy_generate
-
-    model = build_model(
-        selector=dict(score_thr=0.0),
-        region_head="pointer",
-        region_pointer=dict(phrase_query=True),
-    ).eval()
-    data = model.data_preprocessor(make_batch([0], "test"), False)
-    with torch.no_grad():
-        perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
-        batch = model._embed(perception, data["data_samples"], padding_side="left")
-        seen = []
-        decode_fn = model._decode_logits_fn(batch)
-
-        def record(logits, hidden, prefill, so_far):
-            seen.append(decode_fn(logits, hidden, prefill, so_far))
-            return seen[-1]
-
-        # Force a grounded answer so the phrase query is exercised: <p> x </p><roi> then free.
-        ids = model.token_ids
-        forced = [ids.phrase_start, int(batch["input_ids"][0, -1]), ids.phrase_end, ids.roi_start]
-
-        def forcing(logits, hidden, prefill, so_far):
-            out = record(logits, hidden, prefill, so_far)
-            step = so_far.shape[1]
-            if step < len(forced):
-                out = torch.full_like(out, -1e9)
-                out[:, forced[step]] = 0.0
-            return out
-
-        gen = greedy_generate(
-            model.llm,
-            batch["inputs_embeds"],
-            batch["attention_mask"],
-            max_new_tokens=8,
-            eos_token_id=model.tokenizer.eos_token_id,
-            pad_token_id=model._pad_id,
-            logits_fn=forcing,
-        )
-        tokens = gen.tokens[:, : len(seen)]
-        full_ids = torch.cat([batch["input_ids"], tokens], dim=1)
-        embeds = torch.cat([batch["inputs_embeds"], model.llm.embed_tokens(tokens)], dim=1)
-        mask = torch.ones_like(full_ids)
-        out = model.llm(embeds, attention_mask=mask)
-        forced_batch = dict(batch, input_ids=full_ids)
-        teacher = model._with_region_logits(out.logits, out.hidden_states, forced_batch)
-    length = batch["input_ids"].shape[1]
-    cols = model._region_cols
-    for step, logits in enumerate(seen):
-        expected = teacher[:, length - 1 + step, cols]
-        assert torch.allclose(logits[:, cols], expected, atol=1e-4), step
-    assert len(seen) > len(forced)  # the step after <roi> scored regions with the phrase
+# Decode-time pointer (and copy) logits vs teacher-forced ones: tests/groma_px/test_copy_head.py
 
 
 def test_features_enter_at_the_token_embedding_scale(build_model, make_batch):
