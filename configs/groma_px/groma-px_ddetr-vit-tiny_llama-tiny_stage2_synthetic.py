@@ -31,6 +31,10 @@ model = dict(
     # The answer may copy the question's words (pointer-generator): without it the from-scratch
     # LLM rewrote "the hexagon" as "the circle" and the phrase query then sought a circle.
     copy_head=dict(),
+    # Every labelled region of a training image also trains the pointer's phrase query against
+    # its feature (its words, a random subset: "the star" ... "the small red star"): REC
+    # questions alone give one label per sample, and shape was what the regions lacked.
+    region_text_loss=dict(),
     region_loss_weight=5.0,
     # A question's <refer_box> carries its region feature (Groma's <refer_feat>): with the
     # citation alone the from-scratch LLM answered every region caption the same way.

@@ -14,6 +14,7 @@ train_pipeline = [
         tokenizer={{_base_.tokenizer_dir}},
         template="plain",
         mode="train",
+        region_label_fields={{_base_.region_label_fields}},
     ),
 ]
 test_pipeline = [
@@ -92,6 +93,7 @@ model = dict(
     region_head="pointer",
     region_pointer=dict(phrase_query=True),
     copy_head=dict(),
+    region_text_loss=dict(),
     mask_head=dict(type="LLMMaskHead", embed_dim=16, hidden_dim=32),
     mask_loss=dict(num_points=256, max_masks=8),
     data_preprocessor=dict(type="ProposerDataPreprocessor", pad_size_divisor=16),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,11 @@ class PackGroundedChatInputs:
         num_region_tokens: K of the model's ``GroundingVocab``; when given, the tokenizer must hold
             ``<r0>`` ... ``<r{K-1}>`` and a sample may cite at most K distinct regions. Defaults
             to None (no check).
+        region_label_fields: Record-region fields (dotted paths into the region, e.g.
+            ``("attributes.size", "attributes.color", "category")``) packed per region as the
+            metainfo ``region_labels``: a tuple of the fields' string values (None where a region
+            lacks one), the words the region-text alignment loss names it by (``GromaPX``'s
+            ``region_text_loss``). Defaults to None (not packed).
     """
 
     META_KEYS = (
@@ -214,6 +220,7 @@ class PackGroundedChatInputs:
         mode: str = "train",
         max_length: int | None = None,
         num_region_tokens: int | None = None,
+        region_label_fields: Sequence[str] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"PackGroundedChatInputs.mode must be one of {MODES}, got {mode!r}")
@@ -225,6 +232,16 @@ class PackGroundedChatInputs:
         self.max_length = max_length
         self.vocab = GroundingVocab(num_region_tokens) if num_region_tokens is not None else None
         self._vocab_checked = False
+        if region_label_fields is not None and (
+            isinstance(region_label_fields, str) or not region_label_fields
+        ):
+            raise ValueError(
+                "PackGroundedChatInputs.region_label_fields must be a non-empty sequence of field "
+                f"paths, got {region_label_fields!r}"
+            )
+        self.region_label_fields = (
+            None if region_label_fields is None else tuple(region_label_fields)
+        )
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -261,6 +278,11 @@ class PackGroundedChatInputs:
             gt_masks_rle=[region.get("mask") for region in results["regions"]],
             region_prompts=results.get("region_prompts"),
         )
+        if self.region_label_fields is not None:
+            metainfo["region_labels"] = [
+                region_labels(region, self.region_label_fields, sample_id=sample_id, index=i)
+                for i, region in enumerate(results["regions"])
+            ]
         sample = BaseDataElement(
             metainfo=metainfo,
             gt_boxes=_gt_boxes(results, sample_id),
@@ -297,6 +319,29 @@ class PackGroundedChatInputs:
                 f"max_length={self.max_length}; samples are never truncated (that could cut a "
                 "citation): drop or shorten the record, or raise max_length"
             )
+
+
+def region_labels(
+    region: dict[str, Any], fields: Sequence[str], *, sample_id: Any = None, index: int = 0
+) -> tuple[str | None, ...]:
+    """The string values of ``fields`` (dotted paths, e.g. ``"attributes.color"``) of a record
+    region, None where the region lacks the field.
+
+    Raises:
+        ValueError: If a field holds something other than a string (naming sample and region).
+    """
+    values: list[str | None] = []
+    for field in fields:
+        value: Any = region
+        for key in field.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"sample {sample_id!r}: regions[{index}].{field} is {value!r}; region label "
+                "fields must hold strings"
+            )
+        values.append(value or None)
+    return tuple(values)
 
 
 def _citations(

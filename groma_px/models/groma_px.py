@@ -31,6 +31,7 @@ from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
 from .prompting import VisualPromptsMixin
+from .region_text import RegionTextAlignment
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
@@ -81,6 +82,12 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         copy_head: Keyword arguments of ``CopyHead`` (``dim``): the answer may copy text
             tokens of the prompt (pointer-generator), so the phrase it cites repeats the
             question's words. None: off. Defaults to None.
+        region_text_loss: Keyword arguments of ``RegionTextAlignment`` (``weight``,
+            ``drop_prob``, ``noun``, ``prefix``, ``iou_thr``): ``loss`` adds
+            ``loss_region_text``, which names every labelled region of each training image and
+            trains the pointer's phrase query against the kept regions' feature keys. Needs
+            ``region_head="pointer"`` with ``phrase_query=True`` and samples packed with
+            ``region_label_fields``. None: off. Defaults to None.
         token_average: Normalise the loss by the supervised tokens of the ``"global"`` batch
             (all data-parallel ranks: the gradient then equals one process's on the whole
             batch) or of each rank's ``"local"`` one. Same on one process. Defaults to "global".
@@ -119,6 +126,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         region_head: str = "linear",
         region_pointer: dict | None = None,
         copy_head: dict | None = None,
+        region_text_loss: dict | None = None,
         token_average: str = "global",
         mask_head: dict | None = None,
         mask_loss: dict | None = None,
@@ -167,6 +175,14 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         if region_head == "pointer":
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
         self.copy_head = None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
+        self.region_text = None
+        if region_text_loss is not None:
+            if region_head != "pointer" or self.region_pointer.phrase_query is None:
+                raise ValueError(
+                    "region_text_loss trains the pointer's phrase query: it needs "
+                    "region_head='pointer' and region_pointer=dict(phrase_query=True)"
+                )
+            self.region_text = RegionTextAlignment(**region_text_loss)
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)
@@ -358,6 +374,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
                 data_samples, cited, valid_sizes, tuple(inputs.shape[-2:])
             )
             losses.update(mask_losses(mask_logits, targets, extents, **self.mask_loss))
+        if self.region_text is not None:
+            losses.update(self._region_text_losses(perception, batch, data_samples, valid_sizes))
         return losses
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """``GromaPX``'s output heads beyond the LLM's: the region pointer's ``<ri>`` logits (training
-and decoding) and the mask head (training logits, masks of the cited regions at predict)."""
+and decoding), the copy head, the region-text alignment loss and the mask head (training logits,
+masks of the cited regions at predict)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import torch
 from mmengine.structures import BaseDataElement
 from torch import Tensor
 
+from region_proposer.box_ops import normalize_boxes
+
 from ..llm.copy_head import copy_sources, previous_tokens
-from ..llm.pointer import phrase_embeddings, pointer_logits
+from ..llm.pointer import padded_rows, phrase_embeddings, pointer_logits
 from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
 from .outputs import Perception
+from .region_text import match_regions, multi_positive_nce
 
 
 class GroundingHeadsMixin:
-    """Methods of ``GromaPX`` for ``region_head="pointer"``, ``copy_head`` and ``mask_head``."""
+    """Methods of ``GromaPX`` for ``region_head="pointer"``, ``copy_head``, ``region_text_loss``
+    and ``mask_head``."""
 
     def _output_logits(
         self,
@@ -117,6 +122,61 @@ class GroundingHeadsMixin:
             prefill=prefill,
             phrase=phrase,
         )
+
+    def _region_text_losses(
+        self,
+        perception: Perception,
+        batch: dict[str, Any],
+        data_samples: list[BaseDataElement],
+        valid_sizes: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_region_text`` and ``region_text_acc`` (``RegionTextAlignment``): each query
+        (a labelled region's words) is embedded as the pointer embeds a cited phrase (mean token
+        embedding, ``phrase_query``) and scored against the feature keys of its image's kept
+        regions."""
+        pointer = self.region_pointer
+        texts, sample_index, positives = [], [], []
+        for b, (sample, sel) in enumerate(zip(data_samples, perception.selections, strict=True)):
+            labels = sample.metainfo.get("region_labels")
+            if labels is None:
+                raise ValueError(
+                    f"sample {sample.metainfo.get('sample_id')!r} has no region_labels: "
+                    "region_text_loss needs PackGroundedChatInputs(region_label_fields=...)"
+                )
+            gt = normalize_boxes(sample.gt_boxes.float(), valid_sizes[b]).clamp(0.0, 1.0)
+            match = match_regions(gt.to(sel.boxes), sel.boxes, self.region_text.iou_thr)
+            for text, rows in self.region_text.queries(labels, match):
+                texts.append(text)
+                sample_index.append(b)
+                positives.append(rows)
+        keys = pointer.feature_key(batch["region_feats"])
+        if not texts:  # still part of the graph, for data-parallel gradient sync
+            unused = sum(p.sum() for p in pointer.phrase_query.parameters())
+            zero = (keys.sum() + unused) * 0.0
+            return {"loss_region_text": zero, "region_text_acc": zero.detach()}
+        device = keys.device
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        width = max(len(i) for i in ids)
+        token_ids = torch.full((len(ids), width), self._pad_id, dtype=torch.long, device=device)
+        present = torch.zeros(len(ids), width, dtype=torch.bool, device=device)
+        for q, row in enumerate(ids):
+            token_ids[q, : len(row)] = torch.tensor(row, device=device)
+            present[q, : len(row)] = True
+        weights = present[..., None].to(keys.dtype)
+        embeds = self.llm.embed_tokens(token_ids).to(keys.dtype)
+        phrases = (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        queries = pointer.phrase_query(phrases)  # (Q, d)
+        counts = torch.tensor(batch["num_regions"], device=device)
+        k_max = int(counts.max())
+        index = torch.tensor(sample_index, device=device)
+        region_keys = padded_rows(keys, batch["num_regions"], k_max)[index]  # (Q, K, d)
+        scores = torch.einsum("qd,qkd->qk", queries, region_keys) * pointer.scale
+        valid = torch.arange(k_max, device=device)[None, :] < counts[index][:, None]
+        positive = torch.zeros_like(valid)
+        for q, rows in enumerate(positives):
+            positive[q, rows] = True
+        loss, accuracy = multi_positive_nce(scores.float(), valid, positive)
+        return {"loss_region_text": self.region_text.weight * loss, "region_text_acc": accuracy}
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
         """The per-step logits hook of generation (None for the linear region head and no copy

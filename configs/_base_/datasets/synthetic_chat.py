@@ -5,13 +5,21 @@ data_root = "work_dirs/quickstart/data"
 tokenizer_dir = "work_dirs/quickstart/tokenizer"
 template = "plain"
 image_size = 224  # longer side after resizing; must match stage 1
+region_label_fields = ("attributes.size", "attributes.color", "category")
 
 train_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="RandomVisualPrompts", point_prob=0.2, mask_prob=0.2),  # box/point/mask prompts
     dict(type="LoadImage"),
     dict(type="Resize", max_size=image_size),
-    dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="train"),
+    dict(
+        type="PackGroundedChatInputs",
+        tokenizer=tokenizer_dir,
+        template=template,
+        mode="train",
+        # Each region's words, for GromaPX(region_text_loss=...): size, colour, shape (noun last).
+        region_label_fields=region_label_fields,
+    ),
 ]
 test_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
