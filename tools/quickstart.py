@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--num-region-tokens", type=int, default=100)
     parser.add_argument("--stage1-iters", type=int, default=600, help="stage-1 iterations")
-    parser.add_argument("--stage2-iters", type=int, default=100, help="stage-2 iterations")
-    parser.add_argument("--stage3-iters", type=int, default=600, help="stage-3 iterations")
+    parser.add_argument("--stage2-iters", type=int, default=80, help="stage-2 iterations")
+    parser.add_argument("--stage3-iters", type=int, default=580, help="stage-3 iterations")
     args = parser.parse_args(argv)
     work_dir, timings = Path(args.work_dir), {}
     data_root = work_dir / "data"

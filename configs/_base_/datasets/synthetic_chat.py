@@ -4,7 +4,7 @@
 data_root = "work_dirs/quickstart/data"
 tokenizer_dir = "work_dirs/quickstart/tokenizer"
 template = "plain"
-image_size = 224  # longer side after resizing; must match stage 1
+image_size = 224  # longer side after resizing; within stage 1's training scales (192-256)
 region_label_fields = ("attributes.size", "attributes.color", "category")
 
 train_pipeline = [

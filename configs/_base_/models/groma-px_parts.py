@@ -4,13 +4,13 @@ selector = dict(  # RegionSelector: Groma adds GT boxes (low score) in training 
     type="RegionSelector", score_thr=0.1, nms_thr=0.5, top_k=30, use_gt=True, gt_score=0.3
 )
 region_encoder = dict(  # RoIRegionEncoder: multi-level RoIAlign + box-position embedding,
-    # plus an 8x8 RoIAlign of the input pixels (colour and fine shape; docs/NOTES.md)
+    # plus a 16x16 RoIAlign of the input pixels (colour and fine shape; docs/NOTES.md)
     type="RoIRegionEncoder",
     roi_size=4,
     hidden_dim=512,
     fusion="sum",
     box_embed=True,
-    pixel_roi_size=8,
+    pixel_roi_size=16,
 )
 image_tokenizer = dict(type="ImageTokenizer", grid=4, mode="merge", level=-1)  # 16 image tokens
 # Masks for cited regions from the same pyramid (+ a stem on the image), conditioned on the LLM
