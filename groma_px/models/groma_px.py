@@ -17,6 +17,7 @@ from region_proposer.pretrain.transforms import to_original_boxes
 from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.copy_head import CopyHead
+from ..llm.describe_head import DescribeHead
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
 from ..llm.pointer import RegionPointerHead
@@ -82,6 +83,10 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         copy_head: Keyword arguments of ``CopyHead`` (``dim``): the answer may copy text
             tokens of the prompt (pointer-generator), so the phrase it cites repeats the
             question's words. None: off. Defaults to None.
+        describe_head: Keyword arguments of ``DescribeHead`` (none yet; ``dict()`` turns it on):
+            text logits get a gated bias towards the words whose pointer key matches the user
+            regions the prompt cites (the pointer run backwards, for region captions). Needs
+            ``region_head="pointer"`` with ``phrase_query=True``. None: off. Defaults to None.
         region_text_loss: Keyword arguments of ``RegionTextAlignment`` (``weight``,
             ``drop_prob``, ``noun``, ``prefix``, ``iou_thr``): ``loss`` adds
             ``loss_region_text``, which names every labelled region of each training image and
@@ -126,6 +131,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         region_head: str = "linear",
         region_pointer: dict | None = None,
         copy_head: dict | None = None,
+        describe_head: dict | None = None,
         region_text_loss: dict | None = None,
         token_average: str = "global",
         mask_head: dict | None = None,
@@ -175,14 +181,24 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         if region_head == "pointer":
             self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
         self.copy_head = None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
-        self.region_text = None
-        if region_text_loss is not None:
-            if region_head != "pointer" or self.region_pointer.phrase_query is None:
+        for name, value in (
+            ("describe_head", describe_head),
+            ("region_text_loss", region_text_loss),
+        ):
+            if value is not None and (
+                region_head != "pointer" or self.region_pointer.phrase_query is None
+            ):
                 raise ValueError(
-                    "region_text_loss trains the pointer's phrase query: it needs "
-                    "region_head='pointer' and region_pointer=dict(phrase_query=True)"
+                    f"{name} uses the pointer's phrase query: it needs region_head='pointer' and "
+                    "region_pointer=dict(phrase_query=True)"
                 )
-            self.region_text = RegionTextAlignment(**region_text_loss)
+        self.region_text = (
+            None if region_text_loss is None else RegionTextAlignment(**region_text_loss)
+        )
+        self.describe_head = None
+        if describe_head is not None:
+            dim = self.region_pointer.query.out_features
+            self.describe_head = DescribeHead(self.llm.hidden_size, dim, **describe_head)
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)
@@ -338,6 +354,10 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         )
         batch["region_feats"] = region_feats
         batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
+        batch["user_rows"] = [
+            sel.ref_to_region[: len(ref.user_boxes)].to(device)
+            for sel, ref in zip(perception.selections, perception.references, strict=True)
+        ]
         return batch
 
     def _to_embedding_scale(self, feats: Tensor, which: int) -> Tensor:

@@ -31,13 +31,41 @@ class GroundingHeadsMixin:
         batch: dict[str, Tensor],
         prefill: Tensor | None = None,
         token_ids: Tensor | None = None,
+        describe_keys: tuple[Tensor, Tensor, Tensor] | None = None,
         **copy_options: Any,
     ) -> Tensor:
-        """The LLM's logits with the pointer's ``<ri>`` columns and the copy head applied (the
-        arguments as for :meth:`_with_region_logits`; ``copy_options`` (``supervised_only``,
-        ``keys``) go to :meth:`_with_copy_logits`)."""
+        """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
+        head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
+        :meth:`_describe_keys` returns them, computed if None; ``copy_options``
+        (``supervised_only``, ``keys``) go to :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids)
+        if self.describe_head is not None:
+            keys = self._describe_keys(batch) if describe_keys is None else describe_keys
+            logits = self.describe_head(logits, hidden, *keys)
         return self._with_copy_logits(logits, hidden, batch, prefill, token_ids, **copy_options)
+
+    def _describe_keys(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """``DescribeHead`` inputs: (V0, d) pointer keys of the text tokens, (B, U, d) keys of
+        each sample's user regions and their (B, U) validity."""
+        pointer = self.region_pointer
+        first_new = self.llm.first_new_id
+        device = batch["region_feats"].device
+        words = pointer.phrase_query(self.llm.embed_tokens(torch.arange(first_new, device=device)))
+        keys = pointer.feature_key(batch["region_feats"])
+        rows = batch["user_rows"]
+        width = max([len(r) for r in rows] + [0])
+        index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        start = 0
+        for b, (user, count) in enumerate(zip(rows, batch["num_regions"], strict=True)):
+            found = user >= 0
+            index[b, : len(user)] = start + user.clamp(min=0)
+            valid[b, : len(user)] = found
+            start += count
+        region_keys = (
+            keys[index] if keys.shape[0] else keys.new_zeros(len(rows), width, keys.shape[1])
+        )
+        return words.to(keys.dtype), region_keys, valid
 
     def _with_copy_logits(
         self,
@@ -184,19 +212,22 @@ class GroundingHeadsMixin:
         if self.region_head != "pointer" and self.copy_head is None:
             return None
 
-        copy_keys: list[Tensor] = []  # the prompt's copy keys, computed at the first step
+        cached: dict[str, Any] = {}  # copy and describe keys, computed at the first step
 
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
-            if self.copy_head is not None and not copy_keys:
-                copy_keys.append(self._copy_keys(prefill, batch["input_ids"]))
+            if self.copy_head is not None and "copy" not in cached:
+                cached["copy"] = self._copy_keys(prefill, batch["input_ids"])
+            if self.describe_head is not None and "describe" not in cached:
+                cached["describe"] = self._describe_keys(batch)
             out = self._output_logits(
                 logits[:, None],
                 hidden[:, None],
                 batch,
                 prefill,
                 token_ids=ids,
-                keys=copy_keys[0] if copy_keys else None,
+                describe_keys=cached.get("describe"),
+                keys=cached.get("copy"),
             )
             return out[:, 0]
 

@@ -100,6 +100,26 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
+PIXEL_HEADS = ("mlp", "cnn")
+
+
+def _pixel_cnn(size: int, hidden_dim: int, out_dim: int, width: int = 32) -> nn.Sequential:
+    """(K, 3 * size * size) flattened RoI pixels -> (K, out_dim): a 3x3 convolution at full
+    resolution, two stride-2 ones, then an MLP (local, shift-tolerant shape features)."""
+    cells = -(-size // 4)  # after two stride-2 convolutions with padding 1
+    return nn.Sequential(
+        nn.Unflatten(1, (3, size, size)),
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.GELU(),
+        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+        nn.GELU(),
+        nn.Flatten(1),
+        _mlp(2 * width * cells * cells, hidden_dim, out_dim),
+    )
+
+
 @MODELS.register_module()
 class RoIRegionEncoder(nn.Module):
     """Multi-level RoIAlign on a FeaturePyramid -> one LLM-width token per region, plus a
@@ -115,6 +135,9 @@ class RoIRegionEncoder(nn.Module):
     to the token. A detector trained class-agnostically keeps little colour and fine shape in its
     features (linear probes on the tiny stage-1 pyramid read colour at 0.87, shape at 0.81); the
     pixel branch hands them to the LLM directly (``docs/NOTES.md``, "groma_px end to end").
+
+    ``pixel_head="cnn"`` reads the pixel RoI with a small convolutional network (two stride-2
+    stages) instead of an MLP on the flattened cells.
 
     ``legacy_groma_roi=True`` reproduces Groma's released RoI extraction, for ablations only
     (FoundationVision/Groma ``groma/model/roi_align.py``; issues 11 and 21):
@@ -143,6 +166,8 @@ class RoIRegionEncoder(nn.Module):
         legacy_groma_roi: Reproduce Groma's RoI bugs (see above). Defaults to False.
         pixel_roi_size: Cells per side of the input-image RoIAlign branch; 0 turns it off.
             Defaults to 0.
+        pixel_head: ``"mlp"`` or ``"cnn"``, the network that reads the pixel RoI. Defaults to
+            "mlp".
     """
 
     def __init__(
@@ -159,6 +184,7 @@ class RoIRegionEncoder(nn.Module):
         sampling_ratio: int = 2,
         legacy_groma_roi: bool = False,
         pixel_roi_size: int = 0,
+        pixel_head: str = "mlp",
     ) -> None:
         super().__init__()
         self.levels = tuple(range(num_levels)) if levels is None else tuple(levels)
@@ -167,6 +193,8 @@ class RoIRegionEncoder(nn.Module):
             raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
         if pixel_roi_size < 0:
             raise ValueError(f"pixel_roi_size must be >= 0 (0: off), got {pixel_roi_size}")
+        if pixel_head not in PIXEL_HEADS:
+            raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {pixel_head!r}")
         if legacy_groma_roi:
             warnings.warn(
                 "RoIRegionEncoder(legacy_groma_roi=True) reproduces Groma's RoI bugs (cxcywh read "
@@ -187,11 +215,11 @@ class RoIRegionEncoder(nn.Module):
         self.head = _mlp(fused_channels * roi_size * roi_size, hidden_dim, out_dim)
         self.box_embed = _mlp(6, hidden_dim, out_dim) if box_embed else None
         self.pixel_roi_size = pixel_roi_size
-        self.pixel_head = (
-            _mlp(3 * pixel_roi_size * pixel_roi_size, hidden_dim, out_dim)
-            if pixel_roi_size
-            else None
-        )
+        self.pixel_head = None
+        if pixel_roi_size and pixel_head == "cnn":
+            self.pixel_head = _pixel_cnn(pixel_roi_size, hidden_dim, out_dim)
+        elif pixel_roi_size:
+            self.pixel_head = _mlp(3 * pixel_roi_size * pixel_roi_size, hidden_dim, out_dim)
 
     def forward(
         self,

@@ -1,5 +1,6 @@
 """CopyHead (groma_px/llm/copy_head.py): the mixture maths, and GromaPX's decode-time logits
-against teacher-forced ones with the region pointer (phrase query) and with the copy head."""
+against teacher-forced ones with the region pointer (phrase query), the copy head and the
+describe head."""
 
 from __future__ import annotations
 
@@ -54,15 +55,26 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
     assert previous_tokens(batch["input_ids"]).tolist() == [[1, 1, 5, 6, 90, 7]]
 
 
-@pytest.mark.parametrize("copy_head", [None, {}], ids=["pointer", "pointer+copy"])
-def test_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch, copy_head):
+@pytest.mark.parametrize(
+    "copy_head, describe_head, record",
+    [(None, None, 0), ({}, None, 0), ({}, {}, 1)],
+    ids=["pointer", "pointer+copy", "pointer+copy+describe"],
+)
+def test_logits_while_decoding_equal_teacher_forced_ones(
+    build_model, make_batch, copy_head, describe_head, record
+):
     model = build_model(
         selector=dict(score_thr=0.0),
         region_head="pointer",
         region_pointer=dict(phrase_query=True),
         copy_head=copy_head,
+        describe_head=describe_head,
     ).eval()
-    data = model.data_preprocessor(make_batch([0], "test"), False)
+    if describe_head is not None:  # a live gate (it starts at zero, the identity)
+        torch.nn.init.normal_(model.describe_head.gate.weight)
+        torch.nn.init.constant_(model.describe_head.gate.bias, 1.0)
+    # test record 0: REC; 1: a region caption whose question cites a user region
+    data = model.data_preprocessor(make_batch([record], "test"), False)
     with torch.no_grad():
         perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
         batch = model._embed(perception, data["data_samples"], padding_side="left")
@@ -107,7 +119,12 @@ def test_logits_while_decoding_equal_teacher_forced_ones(build_model, make_batch
     length = batch["input_ids"].shape[1]
     for step, logits in enumerate(seen):
         torch.testing.assert_close(logits, teacher[:, length - 1 + step], atol=1e-4, rtol=1e-4)
-    if copy_head is None:
+    if describe_head is not None:  # the describe head changed the text logits
+        assert batch["user_rows"][0].tolist() == [0]
+        model.describe_head = None
+        without = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
+        assert not torch.allclose(without, teacher, atol=1e-3)
+    if copy_head is None or describe_head is not None:
         return
     # The copy head moved probability: the forced question word gained mass at step 1.
     plain = model._with_region_logits(out.logits, out.hidden_states, dict(batch, **full))

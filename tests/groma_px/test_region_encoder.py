@@ -159,9 +159,10 @@ def test_registered_in_groma_px_models():
     assert MODELS.module_dict["RoIRegionEncoder"] is RoIRegionEncoder
 
 
-def test_pixel_branch_reads_the_image_inside_each_box_only():
+@pytest.mark.parametrize("pixel_head", ["mlp", "cnn"])
+def test_pixel_branch_reads_the_image_inside_each_box_only(pixel_head):
     pyramid = _odd_pyramid()
-    encoder = _encoder(pixel_roi_size=3).eval()
+    encoder = _encoder(pixel_roi_size=3, pixel_head=pixel_head).eval()
     boxes = _boxes()
     image = torch.randn(2, 3, 200, 250, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -181,3 +182,5 @@ def test_pixel_branch_reads_the_image_inside_each_box_only():
         encoder(pyramid, boxes, image=image[:1])
     with pytest.raises(ValueError, match="pixel_roi_size"):
         _encoder(pixel_roi_size=-1)
+    with pytest.raises(ValueError, match="pixel_head"):
+        _encoder(pixel_roi_size=3, pixel_head="vit")
