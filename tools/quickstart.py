@@ -5,7 +5,7 @@
 Generates the synthetic grounded-scenes dataset (unless WORK_DIR/data already holds the same
 one), validates every record, trains the byte-level BPE tokenizer with the grounding tokens, draws
 one preview per task, then trains the tiny pipeline with mmengine Runners: stage 1 (region
-proposer, ``configs/proposer/ddetr_vit-tiny_2k_synthetic.py``), stage 2 (alignment) and stage 3
+proposer, ``configs/proposer/ddetr_vit-tiny_synthetic.py``), stage 2 (alignment) and stage 3
 (fine-tuning) (``configs/groma_px/*stage{2,3}*``); evaluates grounded chat on the test split,
 exports the model to WORK_DIR/model (``GroundedChat.from_pretrained``), draws example answers and
 writes ``WORK_DIR/metrics.json`` (flat keys such as ``rec/acc@0.5``) and ``WORK_DIR/summary.json``.
@@ -43,7 +43,7 @@ from region_proposer.visualization import draw_proposals
 
 SPLITS = ("train", "val", "test")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGE1_CONFIG = CONFIGS / "proposer/ddetr_vit-tiny_2k_synthetic.py"
+STAGE1_CONFIG = CONFIGS / "proposer/ddetr_vit-tiny_synthetic.py"
 STAGE2_CONFIG = CONFIGS / "groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage2_synthetic.py"
 STAGE3_CONFIG = CONFIGS / "groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage3_synthetic.py"
 STEPS = 8

@@ -50,7 +50,7 @@ model = dict(
         pad_to_size=({{_base_.image_size}}, {{_base_.image_size}}),
     ),
 )
-load_from = "work_dirs/quickstart/stage1/iter_2000.pth"
+load_from = "work_dirs/stage1/iter_1800.pth"  # tools/train.py of the stage-1 config
 
 max_iters = 200
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1)

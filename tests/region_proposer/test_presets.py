@@ -14,7 +14,7 @@ from region_proposer.registry import MODELS
 from region_proposer.runtime import apply_cfg_options
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TINY = CONFIGS / "proposer" / "ddetr_vit-tiny_2k_synthetic.py"
+TINY = CONFIGS / "proposer" / "ddetr_vit-tiny_synthetic.py"
 PRESETS = sorted(
     str(p.relative_to(CONFIGS).with_suffix(""))
     for folder in ("_base_/proposers", "tiny/proposers")

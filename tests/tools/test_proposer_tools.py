@@ -12,7 +12,7 @@ import pytest
 from groma_px.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = "configs/proposer/ddetr_vit-tiny_2k_synthetic.py"
+CONFIG = "configs/proposer/ddetr_vit-tiny_synthetic.py"
 
 
 def _run(*args):

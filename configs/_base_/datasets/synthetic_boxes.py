@@ -3,7 +3,7 @@ data_root = "work_dirs/quickstart/data"
 dataset_type = "CocoBoxDataset"
 # Longer side for validation and testing. The images are 132-320 px and their objects small;
 # trained at 192-256, the 2k-iteration proposer scores test AR@100 0.736 at 224, 0.777 at 256,
-# 0.798 at 288 and 0.799 at 320 (docs/NOTES.md, "Stage 1").
+# 0.798 at 288 and 0.799 at 320 (docs/NOTES.md, "Training on these machines").
 image_size = 288
 
 train_pipeline = [
