@@ -35,6 +35,9 @@ model = dict(
     # its feature (its words, a random subset: "the star" ... "the small red star"): REC
     # questions alone give one label per sample, and shape was what the regions lacked.
     region_text_loss=dict(),
+    # Region captions: text logits biased towards the words whose pointer key matches the cited
+    # user region (the pointer run backwards); without it every caption was the same sentence.
+    describe_head=dict(),
     region_loss_weight=5.0,
     # A question's <refer_box> carries its region feature (Groma's <refer_feat>): with the
     # citation alone the from-scratch LLM answered every region caption the same way.

@@ -94,6 +94,7 @@ model = dict(
     region_pointer=dict(phrase_query=True),
     copy_head=dict(),
     region_text_loss=dict(),
+    describe_head=dict(),
     mask_head=dict(type="LLMMaskHead", embed_dim=16, hidden_dim=32),
     mask_loss=dict(num_points=256, max_masks=8),
     data_preprocessor=dict(type="ProposerDataPreprocessor", pad_size_divisor=16),

@@ -33,17 +33,27 @@ class DescribeHead(nn.Module):
         nn.init.zeros_(self.gate.bias)  # starts as the identity on the logits
         self.scale = 1.0 / math.sqrt(dim)
 
+    def match(self, region_keys: Tensor, word_keys: Tensor) -> Tensor:
+        """(B, U, V0) score of each text token for each user region (computed once per prompt
+        while decoding).
+
+        Args:
+            region_keys: (B, U, d) keys of each sample's user regions.
+            word_keys: (V0, d) key of each text token.
+        """
+        return torch.einsum("bud,vd->buv", region_keys, word_keys) * self.scale
+
     def forward(
-        self, logits: Tensor, hidden: Tensor, word_keys: Tensor, region_keys: Tensor, valid: Tensor
+        self, logits: Tensor, hidden: Tensor, region_keys: Tensor, match: Tensor, valid: Tensor
     ) -> Tensor:
         """Biased logits.
 
         Args:
-            logits: (B, L, V) logits; columns ``[0, V0)`` are the text tokens ``word_keys``
-                describes, the others are left as they are.
+            logits: (B, L, V) logits; columns ``[0, V0)`` are the text tokens ``match`` scores,
+                the others are left as they are.
             hidden: (B, L, D) hidden states predicting the next token.
-            word_keys: (V0, d) key of each text token.
             region_keys: (B, U, d) keys of each sample's user regions.
+            match: (B, U, V0) from :meth:`match`.
             valid: (B, U) bool; a sample without a valid user region keeps its logits.
 
         Returns:
@@ -55,9 +65,8 @@ class DescribeHead(nn.Module):
         low = torch.finfo(attend.dtype).min
         weights = attend.masked_fill(~valid[:, None, :], low).softmax(-1)
         weights = weights * valid[:, None, :].any(-1, keepdim=True).to(weights.dtype)
-        match = torch.einsum("bud,vd->buv", region_keys, word_keys) * self.scale  # (B, U, V0)
         bias = self.gate(hidden) * torch.einsum("blu,buv->blv", weights, match)
-        num_words = word_keys.shape[0]
+        num_words = match.shape[-1]
         return torch.cat(
             [logits[..., :num_words] + bias.to(logits.dtype), logits[..., num_words:]], -1
         )

@@ -45,15 +45,19 @@ class GroundingHeadsMixin:
         return self._with_copy_logits(logits, hidden, batch, prefill, token_ids, **copy_options)
 
     def _describe_keys(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """``DescribeHead`` inputs: (V0, d) pointer keys of the text tokens, (B, U, d) keys of
-        each sample's user regions and their (B, U) validity."""
+        """``DescribeHead`` inputs after the logits and hidden states: (B, U, d) pointer keys of
+        each sample's user regions, their (B, U, V0) match with the text tokens' pointer keys
+        and their (B, U) validity."""
         pointer = self.region_pointer
         first_new = self.llm.first_new_id
         device = batch["region_feats"].device
-        words = pointer.phrase_query(self.llm.embed_tokens(torch.arange(first_new, device=device)))
         keys = pointer.feature_key(batch["region_feats"])
         rows = batch["user_rows"]
         width = max([len(r) for r in rows] + [0])
+        if width == 0:  # no user region in the batch: nothing to describe
+            empty = keys.new_zeros(len(rows), 0, keys.shape[1])
+            return empty, keys.new_zeros(len(rows), 0, first_new), empty[..., 0].bool()
+        words = pointer.phrase_query(self.llm.embed_tokens(torch.arange(first_new, device=device)))
         index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
         start = 0
@@ -65,7 +69,7 @@ class GroundingHeadsMixin:
         region_keys = (
             keys[index] if keys.shape[0] else keys.new_zeros(len(rows), width, keys.shape[1])
         )
-        return words.to(keys.dtype), region_keys, valid
+        return region_keys, self.describe_head.match(region_keys, words.to(keys.dtype)), valid
 
     def _with_copy_logits(
         self,
