@@ -32,11 +32,13 @@ PER_ITERATION_LOGS = {"log_processor.window_size": 1}
 #: What draws random numbers per process in training, and so makes a rank's computation depend
 #: on the number of processes (each rank's generators start from the same seed and then draw
 #: for its own samples only): the mask loss's point sampling (torch), region shuffling
-#: (torch) and the ``Random*`` data transforms (numpy, e.g. ``RandomVisualPrompts``).
+#: (torch), the region-text queries' dropped fields (torch) and the ``Random*`` data transforms
+#: (numpy, e.g. ``RandomVisualPrompts``).
 DETERMINISTIC = {
     "model.mask_head": None,
     "model.mask_loss": None,
     "model.selector.shuffle": False,
+    "model.region_text_loss.drop_prob": 0.0,
 }
 
 #: Source of a hook module that kills training (SIGKILL) at the end of iteration

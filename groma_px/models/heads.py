@@ -16,7 +16,7 @@ from ..llm.copy_head import copy_sources, previous_tokens
 from ..llm.pointer import padded_rows, phrase_embeddings, pointer_logits
 from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
-from .outputs import Perception
+from .outputs import Perception, rank_mean
 from .region_text import match_regions, multi_positive_nce
 
 
@@ -182,6 +182,9 @@ class GroundingHeadsMixin:
                 sample_index.append(b)
                 positives.append(rows)
         keys = pointer.feature_key(batch["region_feats"])
+        count = keys.new_tensor(float(len(texts)))
+        if self.token_average == "global":  # every rank takes part, queries or not
+            count = rank_mean(count)
         if not texts:  # still part of the graph, for data-parallel gradient sync
             unused = sum(p.sum() for p in pointer.phrase_query.parameters())
             zero = (keys.sum() + unused) * 0.0
@@ -207,7 +210,7 @@ class GroundingHeadsMixin:
         positive = torch.zeros_like(valid)
         for q, rows in enumerate(positives):
             positive[q, rows] = True
-        loss, accuracy = multi_positive_nce(scores.float(), valid, positive)
+        loss, accuracy = multi_positive_nce(scores.float(), valid, positive, count.float())
         return {"loss_region_text": self.region_text.weight * loss, "region_text_acc": accuracy}
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:

@@ -82,6 +82,16 @@ def padded_region_tokens(perception: Perception, batch: dict[str, Tensor]) -> Re
     return RegionTokens(tokens=tokens, boxes=boxes, valid=valid, source=source)
 
 
+def rank_mean(value: Tensor) -> Tensor:
+    """The mean of ``value`` over data-parallel ranks (``value`` itself without an initialised
+    process group). A collective: every rank must call it, even with nothing to average."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
 def next_token_loss(
     logits: Tensor,
     labels: Tensor,
@@ -112,10 +122,7 @@ def next_token_loss(
     is_region = torch.isin(flat, region_ids.to(flat.device))
     if region_weight != 1.0:
         weights = torch.where(is_region, weights * region_weight, weights)
-    count = weights.sum().detach()
-    if global_average and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
+    count = rank_mean(weights.sum().detach()) if global_average else weights.sum().detach()
     loss = (per_token * weights).sum() / count.clamp(min=1.0)
     if bool(is_region.any()):
         hits = logits.reshape(-1, logits.shape[-1]).argmax(-1)[is_region] == flat[is_region]

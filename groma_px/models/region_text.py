@@ -104,7 +104,9 @@ class RegionTextAlignment:
         return out
 
 
-def multi_positive_nce(scores: Tensor, valid: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+def multi_positive_nce(
+    scores: Tensor, valid: Tensor, positive: Tensor, count: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean over queries of ``-log(sum_pos softmax(scores))`` over each query's valid columns,
     and the share of queries whose best column is a positive.
 
@@ -112,6 +114,8 @@ def multi_positive_nce(scores: Tensor, valid: Tensor, positive: Tensor) -> tuple
         scores: (Q, K) float.
         valid: (Q, K) bool, the columns a query competes over.
         positive: (Q, K) bool, a non-empty subset of ``valid`` per query.
+        count: What to divide the summed loss by instead of Q (e.g. the mean of Q over
+            data-parallel ranks, so that averaged gradients are those of the global batch).
     """
     if not bool((positive & valid).any(-1).all()):
         raise ValueError("every query needs a valid positive column")
@@ -120,4 +124,6 @@ def multi_positive_nce(scores: Tensor, valid: Tensor, positive: Tensor) -> tuple
     positives = torch.logsumexp(scores.masked_fill(~(positive & valid), low), dim=-1)
     best = scores.masked_fill(~valid, low).argmax(dim=-1, keepdim=True)
     accuracy = positive.gather(-1, best).float().mean()
-    return (everything - positives).mean(), accuracy
+    total = (everything - positives).sum()
+    count = scores.new_tensor(float(len(scores))) if count is None else count
+    return total / count.clamp(min=1.0), accuracy

@@ -51,7 +51,14 @@ def _grad_report(model):
 def test_loss_backward_reaches_every_trainable_parameter(build_model, make_batch):
     model = build_model()
     losses = _loss(model, make_batch(TRAIN_BATCH))
-    assert set(losses) == {"loss", "region_acc", "loss_mask_bce", "loss_mask_dice"}
+    assert set(losses) == {
+        "loss",
+        "region_acc",
+        "loss_mask_bce",
+        "loss_mask_dice",
+        "loss_region_text",
+        "region_text_acc",
+    }
     assert torch.isfinite(losses["loss"]) and 0.0 <= float(losses["region_acc"]) <= 1.0
     _total(losses).backward()
     trainable, missing, frozen_with_grad = _grad_report(model)
@@ -63,6 +70,7 @@ def test_loss_backward_reaches_every_trainable_parameter(build_model, make_batch
         "feature_gain",
         "region_pointer",
         "copy_head",
+        "describe_head",
         "mask_head",
     }
     for name in FROZEN_PERCEPTION:
@@ -103,6 +111,7 @@ def test_frozen_llm_trains_only_new_rows_region_encoder_and_image_tokens(build_m
         "feature_gain",
         "region_pointer",
         "copy_head",
+        "describe_head",
         "mask_head",
     }
     assert not model.llm.model.training
@@ -132,6 +141,8 @@ def test_pointer_region_head_scores_only_existing_regions(build_model, make_batc
         region_head="pointer",
         region_pointer=dict(phrase_query=phrase_query),
         region_encoder=dict(pixel_roi_size=4 if phrase_query else 0),
+        # both read the phrase query
+        **({} if phrase_query else dict(describe_head=None, region_text_loss=None)),
     )
     batch = make_batch(TRAIN_BATCH)
     _total(_loss(model, batch)).backward()
@@ -247,7 +258,10 @@ def test_build_checks_top_k_and_consumers(build_model):
 def test_perception_cache_hits_and_matches_uncached(build_model, make_batch):
     # The linear region head: the pointer's LayerNorm'd feature keys would amplify the cache's
     # float16 rounding in the logits compared below.
-    fixed, head = dict(pad_to_size=(64, 64)), dict(region_head="linear", region_pointer=None)
+    fixed = dict(pad_to_size=(64, 64))
+    head = dict(
+        region_head="linear", region_pointer=None, describe_head=None, region_text_loss=None
+    )
 
     def batch():  # the same visual prompts every time (RandomVisualPrompts draws from numpy)
         np.random.seed(0)

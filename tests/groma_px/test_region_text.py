@@ -123,7 +123,7 @@ def test_model_loss_needs_labels_and_a_phrase_query(build_model, make_batch):
     with pytest.raises(ValueError, match="region_label_fields"):
         model(**batch, mode="loss")
     with pytest.raises(ValueError, match="region_text_loss .*phrase_query=True"):
-        build_model(region_pointer=dict(phrase_query=False))
+        build_model(region_pointer=dict(phrase_query=False), describe_head=None)
     with pytest.raises(ValueError, match="describe_head .*phrase_query=True"):
         build_model(
             region_pointer=dict(phrase_query=False), region_text_loss=None, describe_head={}
