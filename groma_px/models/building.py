@@ -1,19 +1,23 @@
 """How ``GromaPX`` derives its parts' configs (consumers, the LLM's grounding-token block,
-widths and levels) and freezes what does not train."""
+widths and levels), builds the heads beside the LLM's and freezes what does not train."""
 
 from __future__ import annotations
 
 from typing import Self
 
+from ..llm.copy_head import CopyHead
+from ..llm.describe_head import DescribeHead
+from ..llm.pointer import RegionPointerHead
 from .perception_cache import PerceptionCache
+from .region_text import RegionTextAlignment
 
 #: Roles that read a backbone output (``GromaPX(consumers=...)``).
 CONSUMER_ROLES = ("proposer", "region", "image", "mask")
 
 
 class PartsConfigMixin:
-    """Config derivation, freezing and the perception cache of ``GromaPX`` (needs
-    ``token_ids``, ``backbone``, ``llm``, ``consumers``, ``frozen``)."""
+    """Config derivation, the text heads, freezing and the perception cache of ``GromaPX``
+    (needs ``token_ids``, ``backbone``, ``llm``, ``consumers``, ``frozen``)."""
 
     def _check_consumers(self, consumers: dict[str, str] | None) -> dict[str, str]:
         out = {role: "proposer" for role in CONSUMER_ROLES}
@@ -47,6 +51,39 @@ class PartsConfigMixin:
         cfg.setdefault("in_channels", self.backbone.out_channels(consumer))
         cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
         return cfg
+
+    def _build_text_heads(
+        self,
+        region_pointer: dict | None,
+        copy_head: dict | None,
+        describe_head: dict | None,
+        region_text_loss: dict | None,
+    ) -> None:
+        """The heads beside the LLM's (``region_pointer``, ``copy_head``, ``describe_head``) and
+        the region-text alignment rule (``region_text``); needs ``region_head`` set."""
+        hidden = self.llm.hidden_size
+        if self.region_head == "pointer":
+            self.region_pointer = RegionPointerHead(hidden, **(region_pointer or {}))
+        phrase_query = (
+            self.region_head == "pointer" and self.region_pointer.phrase_query is not None
+        )
+        for name, value in (
+            ("describe_head", describe_head),
+            ("region_text_loss", region_text_loss),
+        ):
+            if value is not None and not phrase_query:
+                raise ValueError(
+                    f"{name} uses the pointer's phrase query: it needs region_head='pointer' and "
+                    "region_pointer=dict(phrase_query=True)"
+                )
+        self.copy_head = None if copy_head is None else CopyHead(hidden, **copy_head)
+        self.region_text = (
+            None if region_text_loss is None else RegionTextAlignment(**region_text_loss)
+        )
+        self.describe_head = None
+        if describe_head is not None:
+            dim = self.region_pointer.query.out_features
+            self.describe_head = DescribeHead(hidden, dim, **describe_head)
 
     def _build_cache(self) -> PerceptionCache:
         if not {"backbone", "proposer"} <= set(self.frozen):

@@ -16,11 +16,8 @@ from region_proposer.pretrain import with_in_channels
 from region_proposer.pretrain.transforms import to_original_boxes
 from region_proposer.structures import FeaturePyramid, Proposals
 
-from ..llm.copy_head import CopyHead
-from ..llm.describe_head import DescribeHead
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.pointer import RegionPointerHead
 from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
@@ -32,7 +29,6 @@ from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
 from .prompting import VisualPromptsMixin
-from .region_text import RegionTextAlignment
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
@@ -178,27 +174,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
                 f"token_average must be one of {TOKEN_AVERAGES}, got {token_average!r}"
             )
         self.token_average = token_average
-        if region_head == "pointer":
-            self.region_pointer = RegionPointerHead(self.llm.hidden_size, **(region_pointer or {}))
-        self.copy_head = None if copy_head is None else CopyHead(self.llm.hidden_size, **copy_head)
-        for name, value in (
-            ("describe_head", describe_head),
-            ("region_text_loss", region_text_loss),
-        ):
-            if value is not None and (
-                region_head != "pointer" or self.region_pointer.phrase_query is None
-            ):
-                raise ValueError(
-                    f"{name} uses the pointer's phrase query: it needs region_head='pointer' and "
-                    "region_pointer=dict(phrase_query=True)"
-                )
-        self.region_text = (
-            None if region_text_loss is None else RegionTextAlignment(**region_text_loss)
-        )
-        self.describe_head = None
-        if describe_head is not None:
-            dim = self.region_pointer.query.out_features
-            self.describe_head = DescribeHead(self.llm.hidden_size, dim, **describe_head)
+        self._build_text_heads(region_pointer, copy_head, describe_head, region_text_loss)
         self.mask_head = None if mask_head is None else MODELS.build(self._mask_head_cfg(mask_head))
         self.mask_loss = dict(mask_loss or {})
         self.max_masks = self.mask_loss.pop("max_masks", None)

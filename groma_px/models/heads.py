@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from mmengine.structures import BaseDataElement
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from region_proposer.box_ops import normalize_boxes
 
@@ -50,25 +51,18 @@ class GroundingHeadsMixin:
         and their (B, U) validity."""
         pointer = self.region_pointer
         first_new = self.llm.first_new_id
-        device = batch["region_feats"].device
         keys = pointer.feature_key(batch["region_feats"])
         rows = batch["user_rows"]
-        width = max([len(r) for r in rows] + [0])
-        if width == 0:  # no user region in the batch: nothing to describe
+        if max([len(r) for r in rows] + [0]) == 0:  # no user region in the batch
             empty = keys.new_zeros(len(rows), 0, keys.shape[1])
             return empty, keys.new_zeros(len(rows), 0, first_new), empty[..., 0].bool()
-        words = pointer.phrase_query(self.llm.embed_tokens(torch.arange(first_new, device=device)))
-        index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-        start = 0
-        for b, (user, count) in enumerate(zip(rows, batch["num_regions"], strict=True)):
-            found = user >= 0
-            index[b, : len(user)] = start + user.clamp(min=0)
-            valid[b, : len(user)] = found
-            start += count
-        region_keys = (
-            keys[index] if keys.shape[0] else keys.new_zeros(len(rows), width, keys.shape[1])
-        )
+        # Users are always kept, so a sample with user rows has K >= 1.
+        padded = padded_rows(keys, batch["num_regions"], max(batch["num_regions"]))
+        index = pad_sequence([r.clamp(min=0) for r in rows], batch_first=True)
+        valid = pad_sequence([r >= 0 for r in rows], batch_first=True)
+        region_keys = padded.gather(1, index[..., None].expand(-1, -1, keys.shape[1]))
+        ids = torch.arange(first_new, device=keys.device)
+        words = pointer.phrase_query(self.llm.embed_tokens(ids))
         return region_keys, self.describe_head.match(region_keys, words.to(keys.dtype)), valid
 
     def _with_copy_logits(
