@@ -14,7 +14,16 @@ model = dict(
     type="ProposerPretrainer",
     backbone={{_base_.backbone}},
     proposer={{_base_.proposer}},
+    # Auxiliary loss: name each ground-truth box's shape from the pyramid (the proposer stays
+    # class-agnostic). A from-scratch ViT trained on objectness alone keeps little shape, which
+    # the chat stages' region encoder then lacks (docs/NOTES.md, "Region classifier").
+    region_classifier=dict(num_classes=7, weight=1.0),
     data_preprocessor={{_base_.data_preprocessor}},
+)
+# The training boxes with their categories, for the region classifier; validation and testing
+# measure class-agnostic recall.
+train_dataloader = dict(
+    dataset=dict(ann_file="annotations/instances_train.json", with_labels=True)
 )
 # 1,800 iterations (the 2k AdamW schedule, decay at 1,440), validated every 600: 18:44 on 2 CPU
 # cores, val AR@100 0.799 and region-set recall 0.993 (benchmarks/results/stage1_tiny_synthetic.json).

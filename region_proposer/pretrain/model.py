@@ -1,4 +1,5 @@
-"""``ProposerPretrainer``: stage-1 class-agnostic detection training of backbone + proposer."""
+"""``ProposerPretrainer``: stage-1 class-agnostic detection training of backbone + proposer, with
+an optional auxiliary region classifier (``region_classifier.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from ..box_ops import denormalize_boxes, normalize_boxes
 from ..registry import MODELS
 from ..structures import FeaturePyramid, Proposals
+from .region_classifier import RegionClassifier  # noqa: F401  (registers the type)
 from .transforms import to_original_boxes
 
 
@@ -43,6 +45,11 @@ class ProposerPretrainer(BaseModel):
         backbone: ``VisionBackbone`` config.
         proposer: Proposer config (any ``BaseProposer``).
         consumer: Which of the backbone's pyramids feeds the proposer. Defaults to "proposer".
+        region_classifier: Optional ``RegionClassifier`` config (``in_channels`` derived from
+            the backbone): an auxiliary loss that names each ground-truth box's category from
+            the pyramid, so that a backbone trained from scratch learns what tells objects
+            apart, not only where they are. Needs ``gt_instances.labels`` (``CocoBoxDataset(
+            with_labels=True)``). The proposer stays class-agnostic. Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
     """
 
@@ -52,12 +59,20 @@ class ProposerPretrainer(BaseModel):
         backbone: dict,
         proposer: dict,
         consumer: str = "proposer",
+        region_classifier: dict | None = None,
         data_preprocessor: dict | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         self.backbone = MODELS.build(backbone)
         self.consumer = consumer
         self.proposer = MODELS.build(with_in_channels(proposer, self.backbone, consumer))
+        self.region_classifier = None
+        if region_classifier is not None:
+            cfg = dict(region_classifier)
+            cfg.setdefault("type", "RegionClassifier")
+            channels = self.backbone.out_channels(consumer)
+            cfg.setdefault("in_channels", [channels] * self.backbone.num_levels(consumer))
+            self.region_classifier = MODELS.build(cfg)
         self._check_padding()
 
     def _check_padding(self) -> None:
@@ -91,6 +106,20 @@ class ProposerPretrainer(BaseModel):
             )
         return instances
 
+    @staticmethod
+    def _labels(data_samples: list[BaseDataElement]) -> list[Tensor]:
+        labels = []
+        for sample in data_samples:
+            gt = sample.gt_instances if "gt_instances" in sample else None
+            if gt is None or "labels" not in gt:
+                raise ValueError(
+                    f"sample {sample.metainfo.get('sample_id')!r} has no gt_instances.labels: "
+                    "ProposerPretrainer(region_classifier=...) needs category labels "
+                    "(CocoBoxDataset(with_labels=True) on a file with real categories)"
+                )
+            labels.append(gt.labels)
+        return labels
+
     def forward(
         self,
         inputs: Tensor,
@@ -107,6 +136,10 @@ class ProposerPretrainer(BaseModel):
             if instances is None:
                 raise ValueError("mode='loss' needs data_samples with gt_instances")
             _, losses = self.proposer.loss(feats, instances)
+            if self.region_classifier is not None:
+                labels = self._labels(data_samples)
+                boxes = [inst.bboxes for inst in instances]
+                losses.update(self.region_classifier.loss(feats, boxes, labels))
             return losses
         proposals = self.proposer(feats, instances)
         if mode == "tensor":

@@ -27,6 +27,8 @@ from PIL import Image
 from ..registry import TRANSFORMS
 
 Results = dict[str, Any]
+#: Per-box arrays besides the boxes and masks, kept or dropped with their boxes.
+PER_BOX_KEYS = ("gt_mask_valid", "gt_labels")
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -156,8 +158,9 @@ class RandomCrop:
         results["gt_bboxes"] = clipped[keep]
         if masks is not None:
             results["gt_masks"] = np.ascontiguousarray(masks[keep, y0 : y0 + ch, x0 : x0 + cw])
-        if "gt_mask_valid" in results:
-            results["gt_mask_valid"] = np.asarray(results["gt_mask_valid"])[keep]
+        for key in PER_BOX_KEYS:
+            if key in results:
+                results[key] = np.asarray(results[key])[keep]
         ax, bx, ay, by = results["affine"]
         results["affine"] = (ax, bx - x0, ay, by - y0)
         return results
@@ -197,7 +200,7 @@ class PackProposerInputs:
     """Packs ``img`` as a (3, H, W) uint8 tensor and the rest into a ``BaseDataElement``.
 
     The data sample holds ``gt_instances.bboxes`` (M, 4) float absolute xyxy of the packed image
-    and metainfo ``sample_id``, ``source``, ``img_path``, ``img_id``, ``ori_shape``,
+    (and ``gt_instances.labels`` (M,) long when ``results`` has ``gt_labels``) and metainfo ``sample_id``, ``source``, ``img_path``, ``img_id``, ``ori_shape``,
     ``img_shape``, ``affine``, ``flip``.
     """
 
@@ -218,6 +221,14 @@ class PackProposerInputs:
         sample.gt_instances = InstanceData(
             bboxes=torch.as_tensor(results["gt_bboxes"], dtype=torch.float32).reshape(-1, 4)
         )
+        if "gt_labels" in results:
+            labels = torch.as_tensor(np.asarray(results["gt_labels"]), dtype=torch.long)
+            if len(labels) != len(sample.gt_instances):
+                raise ValueError(
+                    f"sample {results.get('sample_id')!r}: {len(labels)} gt_labels for "
+                    f"{len(sample.gt_instances)} boxes"
+                )
+            sample.gt_instances.labels = labels
         return {"inputs": img, "data_samples": sample}
 
 

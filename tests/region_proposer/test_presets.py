@@ -29,7 +29,9 @@ def _batch(source, sizes=((128, 160), (128, 144))):
         sample = BaseDataElement(
             metainfo=dict(sample_id=f"toy/{i}", source=source, ori_shape=(h, w), img_shape=(h, w))
         )
-        sample.gt_instances = InstanceData(bboxes=torch.tensor([[4.0, 6.0, 30.0, 40.0]] * (i + 1)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor([[4.0, 6.0, 30.0, 40.0]] * (i + 1)), labels=torch.arange(i + 1)
+        )
         samples.append(sample)
     return {"inputs": inputs, "data_samples": samples}
 

@@ -1,0 +1,152 @@
+"""RegionClassifier (the stage-1 auxiliary shape loss): geometry, learning, labels through the
+data pipeline, and clear errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.structures import BaseDataElement, InstanceData
+from PIL import Image
+
+from region_proposer.pretrain import CocoBoxDataset, RandomCrop
+from region_proposer.pretrain.region_classifier import RegionClassifier
+from region_proposer.registry import MODELS
+from region_proposer.structures import FeaturePyramid
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "proposer" / "ddetr_vit-tiny_synthetic.py"
+
+
+def _pyramid(maps, valid_sizes=None):
+    size = (maps[0].shape[-2] * 4, maps[0].shape[-1] * 4)
+    strides = tuple(size[0] / m.shape[-2] for m in maps)
+    return FeaturePyramid(maps=tuple(maps), strides=strides, image_size=size, valid_sizes=valid_sizes)
+
+
+def test_pools_each_box_at_its_own_place_whatever_the_padding():
+    torch.manual_seed(0)
+    head = RegionClassifier(in_channels=[4, 4], num_classes=3, roi_size=2, hidden_dim=8)
+    alone = [torch.randn(1, 4, 8, 10), torch.randn(1, 4, 4, 5)]  # a 32x40 image, strides 4, 8
+    padded = [torch.zeros(2, 4, 12, 12), torch.zeros(2, 4, 6, 6)]  # a 48x48 batch
+    for full, small in zip(padded, alone, strict=True):
+        full[1, :, : small.shape[-2], : small.shape[-1]] = small[0]
+        full[0] = torch.randn_like(full[0])
+    box = torch.tensor([[0.1, 0.2, 0.6, 0.9]])  # normalised to the unpadded 32x40 image
+    logits_alone = head(_pyramid(alone), [box])
+    valid = torch.tensor([[48, 48], [32, 40]])
+    logits_padded = head(_pyramid(padded, valid), [torch.zeros(0, 4), box])
+    torch.testing.assert_close(logits_padded, logits_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_learns_categories_that_live_in_the_features():
+    torch.manual_seed(0)
+    head = RegionClassifier(in_channels=[3], num_classes=3, roi_size=2, hidden_dim=16)
+    optim = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(60):
+        fmap = torch.randn(4, 3, 8, 8) * 0.1
+        labels = [torch.randint(3, (2,)) for _ in range(4)]
+        boxes = []
+        for b, label in enumerate(labels):
+            # two boxes per image, left and right half; the class is the channel lit inside
+            fmap[b, label[0], :, :4] += 1.0
+            fmap[b, label[1], :, 4:] += 1.0
+            boxes.append(torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]))
+        losses = head.loss(_pyramid([fmap]), boxes, labels)
+        optim.zero_grad()
+        losses["loss_region_cls"].backward()
+        optim.step()
+    assert losses["region_cls_acc"].item() == 1.0
+    assert losses["loss_region_cls"].item() < 0.1
+
+
+def test_loss_errors_and_empty_batch():
+    head = RegionClassifier(in_channels=[3], num_classes=3)
+    pyramid = _pyramid([torch.randn(1, 3, 8, 8)])
+    box = [torch.tensor([[0.0, 0.0, 0.5, 0.5]])]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got \[5\]"):
+        head.loss(pyramid, box, [torch.tensor([5])])
+    with pytest.raises(ValueError, match="image 0: 1 boxes but 2 labels"):
+        head.loss(pyramid, box, [torch.tensor([0, 1])])
+    empty = head.loss(pyramid, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    empty["loss_region_cls"].backward()
+    assert empty["loss_region_cls"].item() == 0.0
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        RegionClassifier(in_channels=[3], num_classes=1)
+
+
+def _write_coco(root, categories):
+    Image.new("RGB", (40, 30)).save(root / "a.png")
+    anns = [
+        dict(id=1, image_id=1, category_id=9, bbox=[1, 1, 10, 10], area=100, iscrowd=0),
+        dict(id=2, image_id=1, category_id=3, bbox=[20, 5, 10, 10], area=100, iscrowd=1),
+        dict(id=3, image_id=1, category_id=3, bbox=[25, 15, 10, 10], area=100, iscrowd=0),
+    ]
+    coco = dict(
+        images=[dict(id=1, file_name="a.png", height=30, width=40)],
+        annotations=anns,
+        categories=categories,
+    )
+    (root / "ann.json").write_text(json.dumps(coco))
+
+
+def test_dataset_labels_follow_sorted_category_ids(tmp_path):
+    _write_coco(tmp_path, [dict(id=9, name="star"), dict(id=3, name="circle")])
+    ds = CocoBoxDataset(ann_file="ann.json", data_root=str(tmp_path), with_labels=True)
+    info = ds.get_data_info(0)
+    assert ds.metainfo["classes"] == ("circle", "star")
+    np.testing.assert_array_equal(info["gt_labels"], [1, 0])  # the crowd box is left out
+    np.testing.assert_array_equal(info["gt_bboxes"], [[1, 1, 11, 11], [25, 15, 35, 25]])
+    assert "gt_labels" not in CocoBoxDataset(ann_file="ann.json", data_root=str(tmp_path))[0]
+
+
+def test_dataset_label_errors(tmp_path):
+    _write_coco(tmp_path, [dict(id=3, name="object")])
+    with pytest.raises(ValueError, match="ann.json: with_labels=True needs at least 2 categories"):
+        CocoBoxDataset(ann_file="ann.json", data_root=str(tmp_path), with_labels=True)
+    _write_coco(tmp_path, [dict(id=3, name="circle"), dict(id=4, name="star")])
+    with pytest.raises(ValueError, match=r"image 1 has annotations of category ids \[9\]"):
+        CocoBoxDataset(ann_file="ann.json", data_root=str(tmp_path), with_labels=True)
+
+
+def test_crop_drops_labels_with_their_boxes():
+    np.random.seed(0)
+    results = dict(
+        img=np.zeros((100, 100, 3), np.uint8),
+        gt_bboxes=np.array([[0, 0, 20, 20], [40, 40, 60, 60], [80, 80, 100, 100]], np.float32),
+        gt_labels=np.array([4, 5, 6]),
+        affine=(1.0, 0.0, 1.0, 0.0),
+    )
+    out = RandomCrop(crop_ratio_range=(0.7, 0.7), prob=1.0)(results)
+    assert len(out["gt_labels"]) == len(out["gt_bboxes"]) < 3
+    assert 5 in out["gt_labels"].tolist()  # the middle box is inside every 70 x 70 window
+    middle = out["gt_bboxes"][out["gt_labels"].tolist().index(5)]
+    np.testing.assert_allclose(middle[2:] - middle[:2], [20, 20])
+
+
+def _pretrainer_batch(with_labels):
+    sample = BaseDataElement(metainfo=dict(sample_id="toy/0", source="synthetic"))
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [60.0, 60.0, 100.0, 90.0]])
+    sample.gt_instances = InstanceData(bboxes=boxes)
+    if with_labels:
+        sample.gt_instances.labels = torch.tensor([2, 6])
+    return {"inputs": [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)], "data_samples": [sample]}
+
+
+def test_stage1_config_trains_the_backbone_through_the_classifier():
+    cfg = Config.fromfile(str(TINY))
+    assert cfg.train_dataloader.dataset.with_labels
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope("region_proposer"):
+        model = MODELS.build(cfg.model)
+    model.train()
+    losses = model(**model.data_preprocessor(_pretrainer_batch(True), True), mode="loss")
+    assert {"loss_region_cls", "region_cls_acc", "loss_focal"} <= set(losses)
+    losses["loss_region_cls"].backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="'toy/0' has no gt_instances.labels"):
+        model(**model.data_preprocessor(_pretrainer_batch(False), True), mode="loss")
