@@ -200,8 +200,9 @@ class PackProposerInputs:
     """Packs ``img`` as a (3, H, W) uint8 tensor and the rest into a ``BaseDataElement``.
 
     The data sample holds ``gt_instances.bboxes`` (M, 4) float absolute xyxy of the packed image
-    (and ``gt_instances.labels`` (M,) long when ``results`` has ``gt_labels``) and metainfo ``sample_id``, ``source``, ``img_path``, ``img_id``, ``ori_shape``,
-    ``img_shape``, ``affine``, ``flip``.
+    (and ``gt_instances.labels`` (M,) long when ``results`` has ``gt_labels``) and metainfo
+    ``sample_id``, ``source``, ``img_path``, ``img_id``, ``ori_shape``, ``img_shape``,
+    ``affine``, ``flip``.
     """
 
     META_KEYS = (

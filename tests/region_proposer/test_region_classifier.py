@@ -23,7 +23,9 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "proposer" / "ddetr_vit
 def _pyramid(maps, valid_sizes=None):
     size = (maps[0].shape[-2] * 4, maps[0].shape[-1] * 4)
     strides = tuple(size[0] / m.shape[-2] for m in maps)
-    return FeaturePyramid(maps=tuple(maps), strides=strides, image_size=size, valid_sizes=valid_sizes)
+    return FeaturePyramid(
+        maps=tuple(maps), strides=strides, image_size=size, valid_sizes=valid_sizes
+    )
 
 
 def test_pools_each_box_at_its_own_place_whatever_the_padding():
@@ -133,7 +135,10 @@ def _pretrainer_batch(with_labels):
     sample.gt_instances = InstanceData(bboxes=boxes)
     if with_labels:
         sample.gt_instances.labels = torch.tensor([2, 6])
-    return {"inputs": [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)], "data_samples": [sample]}
+    return {
+        "inputs": [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)],
+        "data_samples": [sample],
+    }
 
 
 def test_stage1_config_trains_the_backbone_through_the_classifier():
