@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, roi_align
 
 from groma_px.registry import MODELS
+from region_proposer.layers.roi_pooling import boxes_to_pixels, pool_levels
 from region_proposer.structures import FeaturePyramid
 
 _FUSIONS = ("sum", "concat")
@@ -19,17 +20,11 @@ _FUSIONS = ("sum", "concat")
 LEGACY_GROMA_SCALE_FACTOR = 2.0
 
 
-def _box_sizes(pyramid: FeaturePyramid, num_images: int, like: Tensor) -> Tensor:
-    """(B, 2) float (h, w) each image's normalised boxes refer to."""
-    if pyramid.valid_sizes is not None:
-        return pyramid.valid_sizes.to(device=like.device, dtype=like.dtype)
-    return like.new_tensor(pyramid.image_size).expand(num_images, 2)
-
-
 def regions_to_pixels(
     pyramid: FeaturePyramid, boxes: Sequence[Tensor], *, legacy_groma_roi: bool = False
 ) -> list[Tensor]:
-    """Normalised xyxy of each unpadded image -> absolute pixel xyxy of the padded batch.
+    """Normalised xyxy of each unpadded image -> absolute pixel xyxy of the padded batch
+    (:func:`region_proposer.layers.boxes_to_pixels`).
 
     Args:
         pyramid: Gives the per-image valid sizes (or ``image_size`` when nothing is padded).
@@ -40,14 +35,9 @@ def regions_to_pixels(
     Returns:
         ``rois[b]``: (K_b, 4) pixel boxes of image b (top-left aligned in the padded batch).
     """
-    sizes = _box_sizes(pyramid, len(boxes), boxes[0] if boxes else torch.zeros(0))
-    rois = []
-    for b, norm in enumerate(boxes):
-        h, w = sizes[b].unbind()
-        if legacy_groma_roi:  # Groma issues 11 and 21: cxcywh fed where xyxy is expected
-            norm = box_convert(norm, in_fmt="xyxy", out_fmt="cxcywh")
-        rois.append(norm * torch.stack([w, h, w, h]).to(norm.dtype))
-    return rois
+    if legacy_groma_roi:  # Groma issues 11 and 21: cxcywh fed where xyxy is expected
+        boxes = [box_convert(norm, in_fmt="xyxy", out_fmt="cxcywh") for norm in boxes]
+    return boxes_to_pixels(pyramid, boxes)
 
 
 def pool_regions(
@@ -73,22 +63,14 @@ def pool_regions(
     Returns:
         One (sum K_b, C_i, roi_size, roi_size) tensor per level, regions in batch order.
     """
-    rois = regions_to_pixels(pyramid, boxes, legacy_groma_roi=legacy_groma_roi)
-    factor = LEGACY_GROMA_SCALE_FACTOR if legacy_groma_roi else 1.0
-    pooled = []
-    for level in levels:
-        fmap = pyramid.maps[level]
-        pooled.append(
-            roi_align(
-                fmap,
-                [r.to(fmap.dtype) for r in rois],
-                output_size=roi_size,
-                spatial_scale=factor / pyramid.strides[level],
-                sampling_ratio=sampling_ratio,
-                aligned=True,  # pixel centres at +0.5 (detectron2 ROIAlignV2)
-            )
-        )
-    return pooled
+    return pool_levels(
+        pyramid,
+        regions_to_pixels(pyramid, boxes, legacy_groma_roi=legacy_groma_roi),
+        levels=levels,
+        roi_size=roi_size,
+        sampling_ratio=sampling_ratio,
+        scale_factor=LEGACY_GROMA_SCALE_FACTOR if legacy_groma_roi else 1.0,
+    )
 
 
 def box_features(boxes: Tensor) -> Tensor:

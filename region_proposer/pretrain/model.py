@@ -68,11 +68,8 @@ class ProposerPretrainer(BaseModel):
         self.proposer = MODELS.build(with_in_channels(proposer, self.backbone, consumer))
         self.region_classifier = None
         if region_classifier is not None:
-            cfg = dict(region_classifier)
-            cfg.setdefault("type", "RegionClassifier")
-            channels = self.backbone.out_channels(consumer)
-            cfg.setdefault("in_channels", [channels] * self.backbone.num_levels(consumer))
-            self.region_classifier = MODELS.build(cfg)
+            cfg = {"type": "RegionClassifier", **region_classifier}
+            self.region_classifier = MODELS.build(with_in_channels(cfg, self.backbone, consumer))
         self._check_padding()
 
     def _check_padding(self) -> None:

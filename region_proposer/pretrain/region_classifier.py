@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
+from ..layers.roi_pooling import boxes_to_pixels, pool_levels
 from ..registry import MODELS
 from ..structures import FeaturePyramid
 
@@ -62,7 +62,7 @@ class RegionClassifier(nn.Module):
             raise ValueError(f"levels {self.levels} must lie in [0, {len(channels)})")
         if weight <= 0:
             raise ValueError(f"RegionClassifier.weight must be > 0, got {weight}")
-        self.in_channels, self.num_classes = channels, num_classes
+        self.num_classes = num_classes
         self.roi_size, self.weight, self.sampling_ratio = roi_size, weight, sampling_ratio
         self.level_proj = nn.ModuleList(
             nn.Conv2d(channels[lvl], hidden_dim, kernel_size=1) for lvl in self.levels
@@ -76,27 +76,15 @@ class RegionClassifier(nn.Module):
     def forward(self, pyramid: FeaturePyramid, boxes: Sequence[Tensor]) -> Tensor:
         """(sum M_b, num_classes) logits of ``boxes[b]`` (M_b, 4), normalised xyxy of the
         unpadded image b."""
-        if len(boxes) != pyramid.batch_size:
-            raise ValueError(f"got boxes for {len(boxes)} images, batch size {pyramid.batch_size}")
-        if pyramid.valid_sizes is not None:
-            sizes = pyramid.valid_sizes.to(pyramid.maps[0].dtype)
-        else:
-            sizes = pyramid.maps[0].new_tensor(pyramid.image_size).expand(len(boxes), 2)
-        rois = [
-            b.to(sizes.dtype) * sizes[i].flip(0).repeat(2) for i, b in enumerate(boxes)
-        ]  # normalised -> pixels of the padded batch (images are top-left aligned)
-        fused = 0
-        for proj, level in zip(self.level_proj, self.levels, strict=True):
-            fmap = pyramid.maps[level]
-            pooled = roi_align(
-                fmap,
-                [r.to(fmap.dtype) for r in rois],
-                output_size=self.roi_size,
-                spatial_scale=1.0 / pyramid.strides[level],
-                sampling_ratio=self.sampling_ratio,
-                aligned=True,
-            )
-            fused = fused + proj(pooled)
+        rois = boxes_to_pixels(pyramid, boxes)
+        pooled = pool_levels(
+            pyramid,
+            rois,
+            levels=self.levels,
+            roi_size=self.roi_size,
+            sampling_ratio=self.sampling_ratio,
+        )
+        fused = sum(proj(p) for proj, p in zip(self.level_proj, pooled, strict=True))
         return self.head(fused.flatten(1))
 
     def loss(

@@ -79,8 +79,10 @@ class RPNProposer(BaseProposer):
         super().__init__()
         if not isinstance(in_channels, int):
             if len(set(in_channels)) != 1:
-                raise ValueError(f"RPNProposer shares one head across levels; got in_channels "
-                                 f"{list(in_channels)}")
+                raise ValueError(
+                    f"RPNProposer shares one head across levels; got in_channels "
+                    f"{list(in_channels)}"
+                )
             in_channels = int(in_channels[0])
         self.in_channels = in_channels
         self.anchor_scales = tuple(float(s) for s in anchor_scales)

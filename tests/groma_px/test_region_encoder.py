@@ -8,6 +8,7 @@ from groma_px.region_encoder import RoIRegionEncoder
 from groma_px.region_encoder import roi_encoder as roi_module
 from groma_px.region_encoder.roi_encoder import pool_regions
 from groma_px.registry import MODELS
+from region_proposer.layers import roi_pooling
 from region_proposer.structures import FeaturePyramid
 
 
@@ -83,8 +84,8 @@ def test_spatial_scale_comes_from_the_pyramid_strides(monkeypatch):
         scales.append(kwargs["spatial_scale"])
         return real(*args, **kwargs)
 
-    real = roi_module.roi_align
-    monkeypatch.setattr(roi_module, "roi_align", spy)
+    real = roi_pooling.roi_align  # the pyramid levels are pooled by region_proposer's layer
+    monkeypatch.setattr(roi_pooling, "roi_align", spy)
     box = [torch.tensor([[0.25, 0.25, 0.75, 0.75]])]
     fine = FeaturePyramid.from_maps([torch.randn(1, 1, 8, 8)], image_size=(32, 32))
     coarse = FeaturePyramid.from_maps([torch.randn(1, 1, 4, 4)], image_size=(32, 32))
