@@ -5,6 +5,7 @@
 Each run generates ``--num-images`` training images (plus nothing else) into a fresh temporary
 directory; the figures are wall-clock seconds as measured, including pool start-up and writing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,17 @@ def run(num_images: int, workers: list[int], seed: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             summary = generate_dataset(tmp, num_images, 0, 0, seed, workers=num_workers)
             train = summary["splits"]["train"]
-            rows.append({
-                "workers": num_workers,
-                "images": train["images"],
-                "objects": train["objects"],
-                "records": sum(train["records"].values()),
-                "seconds": round(summary["seconds"], 3),
-                "images_per_second": round(summary["images_per_second"], 1),
-                "megabytes": round(_dir_bytes(Path(tmp)) / 2**20, 1),
-            })
+            rows.append(
+                {
+                    "workers": num_workers,
+                    "images": train["images"],
+                    "objects": train["objects"],
+                    "records": sum(train["records"].values()),
+                    "seconds": round(summary["seconds"], 3),
+                    "images_per_second": round(summary["images_per_second"], 1),
+                    "megabytes": round(_dir_bytes(Path(tmp)) / 2**20, 1),
+                }
+            )
     return rows
 
 

@@ -24,7 +24,9 @@ class RECMetric(TaskMetric):
     Keys: ``acc@<thr>`` (hit share), ``ceiling`` (share of samples whose kept region set, the
     regions the LLM could cite, holds a box with IoU > ``iou_thr`` with the target: the oracle
     upper bound of the accuracy), ``no_region`` (share of answers citing nothing) and ``count``
-    (samples scored).
+    (samples scored). When every sample's ``meta`` says whether its expression is relational
+    (``meta["relational"]``, as the synthetic scenes write it), ``relational/acc@<thr>``,
+    ``relational/count`` and the same for ``plain`` split the accuracy by kind.
 
     Args:
         iou_thr: IoU a hit must exceed. Defaults to 0.5.
@@ -61,17 +63,29 @@ class RECMetric(TaskMetric):
         cited = cited_boxes(require(sample, "pred_response", owner))
         hit = bool(cited) and float(box_iou(boxes_tensor(cited[0]), target)) > self.iou_thr
         ceiling = len(kept) > 0 and bool((box_iou(kept, target) > self.iou_thr).any())
-        return {"hit": hit, "ceiling": ceiling, "no_region": not cited}
+        result = {"hit": hit, "ceiling": ceiling, "no_region": not cited}
+        relational = require(sample, "meta", owner).get("relational")
+        if relational is not None:
+            result["relational"] = bool(relational)
+        return result
 
     def summarise(self, results: list[dict[str, Any]]) -> dict[str, float]:
         """Shares of hits, reachable targets and region-less answers."""
         num = len(results)
-        return {
-            f"acc@{self.iou_thr:g}": sum(r["hit"] for r in results) / num,
+        acc = f"acc@{self.iou_thr:g}"
+        out = {
+            acc: sum(r["hit"] for r in results) / num,
             "ceiling": sum(r["ceiling"] for r in results) / num,
             "no_region": sum(r["no_region"] for r in results) / num,
             "count": num,
         }
+        if all(r.get("relational") is not None for r in results):
+            for kind, flag in (("relational", True), ("plain", False)):
+                group = [r["hit"] for r in results if r["relational"] is flag]
+                if group:
+                    out[f"{kind}/{acc}"] = sum(group) / len(group)
+                out[f"{kind}/count"] = len(group)
+        return out
 
 
 def _target_index(sample: dict[str, Any], owner: str) -> int:

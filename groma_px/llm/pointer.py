@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .relation import PhraseRelationHead
+
 #: Logit of a region token whose region does not exist in the sample (never chosen, no NaN).
 MASKED_LOGIT = -1.0e4
 
@@ -25,14 +27,23 @@ class RegionPointerHead(nn.Module):
     :func:`phrase_embeddings`), so the phrase the answer just wrote reaches the pointer directly
     rather than only through the LLM's attention (MDETR-style phrase-region alignment).
 
+    With ``relation=dict(...)`` (needs ``phrase_query``) a :class:`PhraseRelationHead` adds a
+    subject term and a second hop through an anchor region and the pair's geometry, for phrases
+    such as "the triangle to the left of the star".
+
     Args:
         hidden_size: The LLM's hidden size D.
         dim: Width of queries and keys; defaults to D.
         phrase_query: Add the pooled-phrase term to the query. Defaults to False.
+        relation: Keyword arguments of :class:`PhraseRelationHead`; None: off. Defaults to None.
     """
 
     def __init__(
-        self, hidden_size: int, dim: int | None = None, phrase_query: bool = False
+        self,
+        hidden_size: int,
+        dim: int | None = None,
+        phrase_query: bool = False,
+        relation: dict | None = None,
     ) -> None:
         super().__init__()
         dim = dim or hidden_size
@@ -45,6 +56,11 @@ class RegionPointerHead(nn.Module):
         self.key = nn.Linear(hidden_size, dim)
         self.feature_key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
         self.scale = 1.0 / math.sqrt(dim)
+        self.relation = None
+        if relation is not None:
+            if self.phrase_query is None:
+                raise ValueError("RegionPointerHead(relation=...) needs phrase_query=True")
+            self.relation = PhraseRelationHead(hidden_size, dim, **relation)
 
     def forward(
         self,
@@ -53,6 +69,7 @@ class RegionPointerHead(nn.Module):
         slot_feats: Tensor,
         slot_valid: Tensor,
         phrase: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
         """Pointer logits.
 
@@ -63,6 +80,7 @@ class RegionPointerHead(nn.Module):
             slot_valid: (B, K) bool; False for regions a sample does not have.
             phrase: (B, L, D) pooled phrase embedding at each position of ``hidden``; required
                 when the head was built with ``phrase_query=True``, ignored otherwise.
+            bias: (B, L, K) scores added before masking (the relation head's). Defaults to None.
 
         Returns:
             (B, L, K) logits; ``MASKED_LOGIT`` where ``slot_valid`` is False.
@@ -74,6 +92,8 @@ class RegionPointerHead(nn.Module):
                 raise ValueError("RegionPointerHead(phrase_query=True) needs the pooled phrase")
             query = query + self.phrase_query(phrase.to(query.dtype))
         scores = torch.einsum("bld,bkd->blk", query, keys) * self.scale
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
         return scores.masked_fill(~slot_valid[:, None, :], MASKED_LOGIT)
 
 
@@ -146,6 +166,7 @@ def pointer_logits(
     *,
     prefill: Tensor | None = None,
     phrase: Tensor | None = None,
+    relation: dict | None = None,
 ) -> Tensor:
     """``logits`` with the ``<ri>`` columns replaced by pointer scores (absent regions masked).
 
@@ -159,12 +180,32 @@ def pointer_logits(
         prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
             decoding steps; defaults to ``hidden``.
         phrase: (B, L', D) pooled phrase embeddings for a ``phrase_query`` head.
+        relation: Inputs of the head's ``PhraseRelationHead`` when it has one: ``token_ids``
+            (B, L) and ``embeds`` (B, L, D) of everything up to the last position of
+            ``hidden``, ``region_boxes`` (sum K_b, 4) normalised xyxy, ``phrase_start`` and
+            ``phrase_end`` ids.
     """
     source = hidden if prefill is None else prefill
     positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
     keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
     feats = padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
-    scores = pointer(hidden, keys, feats, valid, phrase).to(logits.dtype)  # (B, L', K_max)
+    bias = None
+    if pointer.relation is not None:
+        if relation is None:
+            raise ValueError("a pointer with a relation head needs its relation inputs")
+        boxes = padded_rows(relation["region_boxes"], batch["num_regions"], positions.shape[1])
+        bias = pointer.relation(
+            relation["token_ids"],
+            relation["embeds"],
+            pointer.feature_key(feats),
+            boxes,
+            valid,
+            pointer.phrase_query,
+            phrase_start=relation["phrase_start"],
+            phrase_end=relation["phrase_end"],
+            last=hidden.shape[1],
+        )
+    scores = pointer(hidden, keys, feats, valid, phrase, bias).to(logits.dtype)  # (B, L', K_max)
     out = logits.clone()
     out[..., region_cols] = MASKED_LOGIT
     out[..., region_cols[: scores.shape[-1]]] = scores

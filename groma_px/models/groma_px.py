@@ -330,6 +330,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         )
         batch["region_feats"] = region_feats
         batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
+        batch["region_boxes"] = torch.cat(
+            [sel.boxes.to(device=device, dtype=region_feats.dtype) for sel in perception.selections]
+        )
         batch["user_rows"] = [
             sel.ref_to_region[: len(ref.user_boxes)].to(device)
             for sel, ref in zip(perception.selections, perception.references, strict=True)

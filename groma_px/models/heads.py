@@ -130,15 +130,18 @@ class GroundingHeadsMixin:
         ``token_ids`` the prompt and the tokens generated so far)."""
         if self.region_head != "pointer":
             return logits
-        phrase = None
+        phrase = relation = None
         if self.region_pointer.phrase_query is not None:
             ids = batch["input_ids"] if token_ids is None else token_ids
-            phrase = phrase_embeddings(
-                ids,
-                self.llm.embed_tokens(ids),
-                phrase_start=self.token_ids.phrase_start,
-                phrase_end=self.token_ids.phrase_end,
-            )[:, -hidden.shape[1] :]
+            embeds = self.llm.embed_tokens(ids)
+            markers = dict(
+                phrase_start=self.token_ids.phrase_start, phrase_end=self.token_ids.phrase_end
+            )
+            phrase = phrase_embeddings(ids, embeds, **markers)[:, -hidden.shape[1] :]
+            if self.region_pointer.relation is not None:
+                relation = dict(
+                    token_ids=ids, embeds=embeds, region_boxes=batch["region_boxes"], **markers
+                )
         return pointer_logits(
             self.region_pointer,
             logits,
@@ -147,6 +150,7 @@ class GroundingHeadsMixin:
             self._region_cols,
             prefill=prefill,
             phrase=phrase,
+            relation=relation,
         )
 
     def _region_text_losses(

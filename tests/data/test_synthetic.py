@@ -1,4 +1,5 @@
 """Synthetic scenes: determinism, exact masks, unambiguous expressions, tasks, COCO, CLI."""
+
 import hashlib
 import itertools
 import json
@@ -60,7 +61,8 @@ def dataset(tmp_path_factory):
 def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -83,8 +85,13 @@ def _parse(text: str) -> ReferringExpression:
 def _scene_from_record(record) -> Scene:
     """Rebuilds the expression-relevant scene (attributes + visible boxes) from a record on disk."""
     objects = tuple(
-        SceneObject(ObjectSpec(r["category"], r["attributes"]["color"], r["attributes"]["size"],
-                               0.0, 0.0, 0.0), tuple(r["box"]), 1.0)
+        SceneObject(
+            ObjectSpec(
+                r["category"], r["attributes"]["color"], r["attributes"]["size"], 0.0, 0.0, 0.0
+            ),
+            tuple(r["box"]),
+            1.0,
+        )
         for r in record["regions"]
     )
     return Scene(record["height"], record["width"], "noise", 0, objects)
@@ -149,11 +156,15 @@ def test_render_masks_match_rasterised_geometry():
 
 def _hand_scene() -> Scene:
     """Small red circle (left), large red circle (right), medium blue square (bottom middle)."""
-    return compose_scene(200, 300, [
-        ObjectSpec("circle", "red", "small", 40.0, 60.0, 14.0),
-        ObjectSpec("circle", "red", "large", 220.0, 60.0, 45.0),
-        ObjectSpec("square", "blue", "medium", 140.0, 160.0, 25.0),
-    ])
+    return compose_scene(
+        200,
+        300,
+        [
+            ObjectSpec("circle", "red", "small", 40.0, 60.0, 14.0),
+            ObjectSpec("circle", "red", "large", 220.0, 60.0, 45.0),
+            ObjectSpec("square", "blue", "medium", 140.0, 160.0, 25.0),
+        ],
+    )
 
 
 def test_attribute_expressions_checked_for_uniqueness():
@@ -183,19 +194,27 @@ def test_relation_needs_unique_anchor():
     assert ambiguous_anchor.matches(scene) == [0]  # names one object, but which star?
     assert not is_unambiguous(ambiguous_anchor, scene)
     assert find_unique_expression(scene, 0, np.random.default_rng(0)) is None  # no unique anchor
-    with_anchor = compose_scene(200, 300, [*specs, ObjectSpec("triangle", "red", "small",
-                                                             150.0, 40.0, 12.0)])
+    with_anchor = compose_scene(
+        200, 300, [*specs, ObjectSpec("triangle", "red", "small", 150.0, 40.0, 12.0)]
+    )
     expression = find_unique_expression(with_anchor, 0, np.random.default_rng(0))
     assert expression.anchor is not None and expression.matches(with_anchor) == [0]
     assert len(expression.anchor.matches(with_anchor)) == 1
 
 
-@pytest.mark.parametrize("relation, box_b, holds", [
-    ("left", (5, 0, 9, 9), False), ("left", (6, 0, 9, 9), True),
-    ("right", (0, 0, 5, 9), False), ("right", (0, 0, 4, 9), True),
-    ("above", (0, 5, 9, 9), False), ("above", (0, 6, 9, 9), True),
-    ("below", (0, 0, 9, 5), False), ("below", (0, 0, 9, 4), True),
-])
+@pytest.mark.parametrize(
+    "relation, box_b, holds",
+    [
+        ("left", (5, 0, 9, 9), False),
+        ("left", (6, 0, 9, 9), True),
+        ("right", (0, 0, 5, 9), False),
+        ("right", (0, 0, 4, 9), True),
+        ("above", (0, 5, 9, 9), False),
+        ("above", (0, 6, 9, 9), True),
+        ("below", (0, 0, 9, 5), False),
+        ("below", (0, 0, 9, 4), True),
+    ],
+)
 def test_relation_boundaries(relation, box_b, holds):
     assert relation in RELATIONS
     assert relation_holds(relation, (0, 0, 10, 10), box_b) is holds  # A's centre is (5, 5)
@@ -225,8 +244,10 @@ def test_counting_and_multi_grounding_answers(dataset):
     zero_counts = 0
     for record in _all_records(dataset):
         tasks_seen.add(record["task"])
-        attrs = [(r["category"], r["attributes"]["color"], r["attributes"]["size"])
-                 for r in record["regions"]]
+        attrs = [
+            (r["category"], r["attributes"]["color"], r["attributes"]["size"])
+            for r in record["regions"]
+        ]
         answer = record["conversations"][1]["value"]
         if record["task"] == "counting":
             meta = record["meta"]
@@ -239,12 +260,17 @@ def test_counting_and_multi_grounding_answers(dataset):
             phrase = re.fullmatch(r"<p>all the (.+)</p><roi>(?:<ground_box>)+</roi>", answer)[1]
             words = phrase.split()
             words[-1] = words[-1][:-2] if words[-1] == "crosses" else words[-1][:-1]
-            true = [i for i, a in enumerate(attrs)
-                    if all(w in a for w in words if w != "object")]
+            true = [i for i, a in enumerate(attrs) if all(w in a for w in words if w != "object")]
             assert len(true) >= 2
             assert record["conversations"][1]["regions"] == true == record["meta"]["target"]
-    assert tasks_seen == {"rec", "multi_grounding", "region_caption", "grounded_caption",
-                          "counting", "res"}
+    assert tasks_seen == {
+        "rec",
+        "multi_grounding",
+        "region_caption",
+        "grounded_caption",
+        "counting",
+        "res",
+    }
     assert zero_counts > 0
 
 
@@ -263,8 +289,9 @@ def test_records_valid_and_placeholders_match(dataset):
         if record["task"] == "region_caption":
             region = record["regions"][turns[0]["regions"][0]]
             words = f"{region['attributes']['size']} {region['attributes']['color']}"
-            assert re.fullmatch(rf"an? {words} {region['category']}(, partly hidden)?",
-                                turns[1]["value"])
+            assert re.fullmatch(
+                rf"an? {words} {region['category']}(, partly hidden)?", turns[1]["value"]
+            )
 
 
 def test_res_records_cite_the_target_mask(dataset):
@@ -278,7 +305,8 @@ def test_res_records_cite_the_target_mask(dataset):
         expression = record["meta"]["expression"]
         (target,) = record["meta"]["target"]
         (template,) = (
-            q for q in RES_QUESTIONS
+            q
+            for q in RES_QUESTIONS
             if question == f"{IMAGE_PLACEHOLDER}\n[grounding] " + q.format(expression)
         )
         templates.add(template)
@@ -311,8 +339,14 @@ def test_new_tasks_leave_the_records_of_older_tasks_unchanged(dataset):
     image = f"images/train/{index:06d}.png"
     prefix = f"{SOURCE}/train/{index:06d}"
     on_disk = [r for r in records["train"] if r["image"] == image]
-    rebuilt = build_records(scene, regions, rng, task_rngs={"res": np.random.default_rng(99)},
-                            record_prefix=prefix, image_path=image)
+    rebuilt = build_records(
+        scene,
+        regions,
+        rng,
+        task_rngs={"res": np.random.default_rng(99)},
+        record_prefix=prefix,
+        image_path=image,
+    )
     older = [r for r in rebuilt if r["task"] in SHARED_STREAM_TASKS]
     assert older == [r for r in on_disk if r["task"] in SHARED_STREAM_TASKS]
     assert [r["task"] for r in on_disk] == [r["task"] for r in older] + ["res"] * (
@@ -374,8 +408,9 @@ def test_same_colour_objects_never_touch():
             ys, xs = np.nonzero(masks[a])
             for dy in (-1, 0, 1):
                 for dx in (-1, 0, 1):
-                    grown[np.clip(ys + dy, 0, scene.height - 1),
-                          np.clip(xs + dx, 0, scene.width - 1)] = True
+                    grown[
+                        np.clip(ys + dy, 0, scene.height - 1), np.clip(xs + dx, 0, scene.width - 1)
+                    ] = True
             for b in range(a + 1, len(masks)):
                 if scene.objects[a].color == scene.objects[b].color:
                     assert not (grown & masks[b]).any()
@@ -384,9 +419,27 @@ def test_same_colour_objects_never_touch():
 def test_cli_prints_summary(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(tmp_path),
-         "--num-train", "3", "--num-val", "1", "--num-test", "1", "--seed", "2", "--workers", "2"],
-        capture_output=True, text=True, env=env, check=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic.py"),
+            "--out",
+            str(tmp_path),
+            "--num-train",
+            "3",
+            "--num-val",
+            "1",
+            "--num-test",
+            "1",
+            "--seed",
+            "2",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
     )
     assert re.search(r"^\s*train\s+3\s+\d+", result.stdout, re.M), result.stdout
     assert "images/s" in result.stdout and "rec" in result.stdout

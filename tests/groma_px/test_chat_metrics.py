@@ -95,6 +95,22 @@ def test_rec_hit_miss_no_region():
     }
 
 
+def test_rec_splits_accuracy_by_relational_expressions_when_meta_says():
+    def rec(box, relational):
+        meta = {"target": [0], "relational": relational}
+        return _sample("rec", _response(("the star", [box])), meta=meta)
+
+    hit, miss = (1, 1, 10, 10), (5, 5, 20, 20)
+    out = _run(RECMetric(), [rec(hit, True), rec(miss, True), rec(miss, True), rec(hit, False)])
+    assert out["rec/acc@0.5"] == 0.5
+    assert out["rec/relational/acc@0.5"] == pytest.approx(1 / 3)
+    assert out["rec/plain/acc@0.5"] == 1.0
+    assert (out["rec/relational/count"], out["rec/plain/count"]) == (3, 1)
+    # Without the flag on every sample there is no split.
+    out = _run(RECMetric(), [rec(hit, True), _rec(("the star", [hit]))])
+    assert not any("relational" in key or "plain" in key for key in out)
+
+
 def test_rec_scores_only_the_first_cited_region():
     far, near = (50, 50, 60, 60), (0, 0, 10, 10)
     samples = [

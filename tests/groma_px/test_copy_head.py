@@ -56,20 +56,23 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
 
 
 @pytest.mark.parametrize(
-    "copy_head, describe_head, record",
-    [(None, None, 0), ({}, None, 0), ({}, {}, 1)],
-    ids=["pointer", "pointer+copy", "pointer+copy+describe"],
+    "copy_head, describe_head, relation, record",
+    [(None, None, None, 0), ({}, None, None, 0), ({}, {}, None, 1), ({}, None, {}, 0)],
+    ids=["pointer", "pointer+copy", "pointer+copy+describe", "pointer+copy+relation"],
 )
 def test_logits_while_decoding_equal_teacher_forced_ones(
-    build_model, make_batch, copy_head, describe_head, record
+    build_model, make_batch, copy_head, describe_head, relation, record
 ):
     model = build_model(
         selector=dict(score_thr=0.0),
         region_head="pointer",
-        region_pointer=dict(phrase_query=True),
+        region_pointer=dict(phrase_query=True, relation=relation),
         copy_head=copy_head,
         describe_head=describe_head,
     ).eval()
+    if relation is not None:  # live subject and relation terms (both start near zero)
+        torch.nn.init.constant_(model.region_pointer.relation.subject_weight, 1.0)
+        torch.nn.init.constant_(model.region_pointer.relation.gate.bias, 2.0)
     if describe_head is not None:  # a live gate (it starts at zero, the identity)
         torch.nn.init.normal_(model.describe_head.gate.weight)
         torch.nn.init.constant_(model.describe_head.gate.bias, 1.0)
@@ -124,6 +127,13 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
         model.describe_head = None
         without = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
         assert not torch.allclose(without, teacher, atol=1e-3)
+    if relation is not None:  # the relation head changed the region logits
+        model.region_pointer.relation = None
+        without = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
+        cols = model._region_cols[: batch["num_regions"][0]]
+        at = length - 1 + len(forced)  # predicts the token after <roi>
+        assert not torch.allclose(without[0, at, cols], teacher[0, at, cols], atol=1e-3)
+        return
     if copy_head is None or describe_head is not None:
         return
     # The copy head moved probability: the forced question word gained mass at step 1.

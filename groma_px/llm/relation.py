@@ -1,0 +1,219 @@
+"""``PhraseRelationHead``: a second hop for the region pointer when the cited phrase relates two
+objects ("the triangle to the left of the star").
+
+The pointer's phrase query is the mean embedding of the phrase, so for a relational phrase it
+mixes the target's words with the anchor's and cannot say where the target stands. This head
+reads the phrase the way a compositional modular network does (Hu et al., 2017, "Modeling
+Relationships in Referring Expressions with Compositional Modular Networks"): one causal
+self-attention layer over the phrase's token embeddings (with their position in the phrase)
+gives each word a context, three softmax-weighted pools of the word embeddings (their weights
+learnt from that context) give a *subject*, a *relation* and an *anchor* phrase, and region i
+gets
+
+    a * (q(subject) . k_i) + g(relation) * sum_{j != i} softmax_j(q(anchor) . k_j) * r_ij
+
+where ``q`` is the pointer's own phrase query (so "star" as an anchor is matched in the space
+the region-text alignment trains), ``k`` the pointer's feature keys, ``r_ij = w(relation) .
+phi(box_i, box_j)`` a learnt function of the pair's geometry, ``a`` a scalar and ``g`` a sigmoid
+gate, both starting near zero so that the plain pointer is where training starts.
+
+Everything is a function of the token ids up to each position, so the scores at decode time
+(recomputed over the prompt and the tokens generated so far) equal the teacher-forced ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Geometry features per region pair (see :func:`pair_geometry`).
+GEOMETRY_FEATURES = 8
+
+
+def phrase_layout(
+    token_ids: Tensor, *, phrase_start: int, phrase_end: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each position's current phrase starts and whether the position is one of its words.
+
+    The current phrase at position t is the tokens after the latest ``<p>`` at or before t, up to
+    that phrase's ``</p>`` (the markers excluded), as in
+    :func:`groma_px.llm.pointer.phrase_embeddings`.
+
+    Args:
+        token_ids: (B, L) long ids.
+        phrase_start: Id of ``<p>``.
+        phrase_end: Id of ``</p>``.
+
+    Returns:
+        ``(start (B, L) long: index of the latest <p>, -1 before any; inside (B, L) bool: the
+        position is a word of a phrase; offset (B, L) long: its index within the phrase, 0
+        outside)``.
+    """
+    length = token_ids.shape[1]
+    index = torch.arange(length, device=token_ids.device).expand_as(token_ids)
+    none = torch.full_like(token_ids, -1)
+    start = torch.where(token_ids == phrase_start, index, none).cummax(dim=1).values
+    last_close = torch.where(token_ids == phrase_end, index, none).cummax(dim=1).values
+    inside = (start > last_close) & (token_ids != phrase_start) & (start >= 0)
+    offset = torch.where(inside, index - start - 1, torch.zeros_like(index))
+    return start, inside, offset
+
+
+def pair_geometry(boxes: Tensor) -> Tensor:
+    """Features of every ordered region pair (i, j) from normalised xyxy boxes.
+
+    The centre of i against j's near and far edges on each axis (the signs of the first four
+    decide left of / right of / above / below), the centre offsets and the log size ratios, each
+    scaled to about unit range.
+
+    Args:
+        boxes: (B, K, 4) normalised xyxy.
+
+    Returns:
+        (B, K, K, ``GEOMETRY_FEATURES``) float.
+    """
+    x0, y0, x1, y1 = boxes.float().unbind(-1)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = (x1 - x0).clamp(min=1e-4), (y1 - y0).clamp(min=1e-4)
+    i, j = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    feats = [
+        cx[i] - x0[j],
+        cx[i] - x1[j],
+        cy[i] - y0[j],
+        cy[i] - y1[j],
+        cx[i] - cx[j],
+        cy[i] - cy[j],
+    ]
+    feats = [f * 4.0 for f in feats]
+    feats += [(w[i] / w[j]).log(), (h[i] / h[j]).log()]
+    return torch.stack(feats, dim=-1)
+
+
+class PhraseRelationHead(nn.Module):
+    """Subject and two-hop relation terms added to the region pointer's scores.
+
+    Args:
+        hidden_size: Width D of the token embeddings.
+        dim: Width of the pointer's queries and keys.
+        num_heads: Heads of the phrase self-attention. Defaults to 4.
+        max_phrase_len: Positions within a phrase that get their own embedding (later ones
+            share the last). Defaults to 32.
+        geometry_dim: Width of the pair-geometry code ``phi``. Defaults to 64.
+        gate_bias: Initial bias of the relation gate (sigmoid(-4) ~ 0.02). Defaults to -4.0.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        dim: int,
+        num_heads: int = 4,
+        max_phrase_len: int = 32,
+        geometry_dim: int = 64,
+        gate_bias: float = -4.0,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.max_phrase_len = max_phrase_len
+        self.position = nn.Embedding(max_phrase_len, hidden_size)
+        self.in_norm = nn.LayerNorm(hidden_size)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.pool = nn.Linear(hidden_size, 3)  # subject, relation, anchor word weights
+        self.relation = nn.Linear(hidden_size, geometry_dim)
+        self.gate = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.geometry = nn.Sequential(
+            nn.Linear(GEOMETRY_FEATURES, geometry_dim),
+            nn.GELU(),
+            nn.Linear(geometry_dim, geometry_dim),
+        )
+        self.subject_weight = nn.Parameter(torch.zeros(()))
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def pools(
+        self, token_ids: Tensor, embeds: Tensor, *, phrase_start: int, phrase_end: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) subject, relation and anchor pools of each position's current phrase (its
+        words up to the position; zero where there is none)."""
+        start, inside, offset = phrase_layout(
+            token_ids, phrase_start=phrase_start, phrase_end=phrase_end
+        )
+        length = token_ids.shape[1]
+        index = torch.arange(length, device=token_ids.device)
+        causal = index[None, :] <= index[:, None]  # (t, s): s <= t
+        # (B, t, s): s is a word of t's current phrase, at or before t.
+        same = (start[:, :, None] == start[:, None, :]) & inside[:, None, :] & causal
+        embeds = embeds.to(self.qkv.weight.dtype)
+        x = self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        eye = torch.eye(length, dtype=torch.bool, device=token_ids.device)
+        attend = same | eye  # every row attends to itself, so none is empty
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None])
+        context = self.norm(x + self.proj(context.transpose(1, 2).flatten(2)))
+        logits = self.pool(context)  # (B, L, 3): the word's weight in each pool
+        weights = logits.permute(0, 2, 1)[:, :, None, :].expand(-1, -1, length, -1)
+        weights = weights.masked_fill(~same[:, None], float("-inf"))
+        has_words = same.any(-1)  # (B, t)
+        weights = torch.softmax(weights, dim=-1).nan_to_num(0.0)  # rows without words -> 0
+        pooled = torch.einsum("bpts,bsd->bptd", weights, embeds)
+        pooled = pooled * has_words[:, None, :, None]
+        return pooled[:, 0], pooled[:, 1], pooled[:, 2]
+
+    def forward(
+        self,
+        token_ids: Tensor,
+        embeds: Tensor,
+        keys: Tensor,
+        boxes: Tensor,
+        valid: Tensor,
+        phrase_query: nn.Module,
+        *,
+        phrase_start: int,
+        phrase_end: int,
+        last: int | None = None,
+    ) -> Tensor:
+        """Scores to add to the pointer's logits.
+
+        Args:
+            token_ids: (B, L) ids of the prompt and what was generated so far.
+            embeds: (B, L, D) their token embeddings.
+            keys: (B, K, d) the pointer's feature keys of each sample's regions.
+            boxes: (B, K, 4) the regions' normalised xyxy boxes (anything where not valid).
+            valid: (B, K) bool; False for regions a sample does not have.
+            phrase_query: The pointer's phrase-query network (D -> d).
+            phrase_start: Id of ``<p>``.
+            phrase_end: Id of ``</p>``.
+            last: Return only the last ``last`` positions (the decoding steps). Defaults to all.
+
+        Returns:
+            (B, L or last, K) float scores (zero on invalid regions).
+        """
+        subject, relation, anchor = self.pools(
+            token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end
+        )
+        if last is not None:
+            subject, relation, anchor = subject[:, -last:], relation[:, -last:], anchor[:, -last:]
+        query_subject = phrase_query(subject.to(keys.dtype))
+        query_anchor = phrase_query(anchor.to(keys.dtype))
+        subject_scores = torch.einsum("bld,bkd->blk", query_subject, keys) * self.scale
+        anchor_logits = torch.einsum("bld,bkd->blk", query_anchor, keys) * self.scale
+        anchor_logits = anchor_logits.masked_fill(~valid[:, None, :], float("-inf"))
+        anchor_prob = torch.softmax(anchor_logits, dim=-1).nan_to_num(0.0)  # (B, L, K_j)
+        num = boxes.shape[1]
+        pair_ok = valid[:, :, None] & valid[:, None, :]
+        pair_ok = pair_ok & ~torch.eye(num, dtype=torch.bool, device=valid.device)
+        geometry = pair_geometry(boxes).to(self.relation.weight.dtype)
+        code = self.geometry(geometry) * pair_ok[..., None]  # (B, K_i, K_j, G)
+        # r_ij = w(relation) . phi_ij, weighted by the anchor's probability of being j.
+        weighted = torch.einsum("blj,bijg->blig", anchor_prob.to(code.dtype), code)
+        relation_scores = torch.einsum("blg,blig->bli", self.relation(relation), weighted)
+        gate = torch.sigmoid(self.gate(relation))  # (B, L, 1)
+        scores = self.subject_weight * subject_scores + gate * relation_scores.to(gate.dtype)
+        return scores.masked_fill(~valid[:, None, :], 0.0)
