@@ -9,6 +9,12 @@ proposer, ``configs/proposer/ddetr_vit-tiny_synthetic.py``), stage 2 (alignment)
 (fine-tuning) (``configs/groma_px/*stage{2,3}*``); evaluates grounded chat on the test split,
 exports the model to WORK_DIR/model (``GroundedChat.from_pretrained``), draws example answers and
 writes ``WORK_DIR/metrics.json`` (flat keys such as ``rec/acc@0.5``) and ``WORK_DIR/summary.json``.
+
+Ablations of the chat stages reuse a finished run's stage 1 (same data) and override the stage-2
+and stage-3 configs (keys must exist), e.g. without the copy head:
+
+    python tools/quickstart.py --work-dir work_dirs/no_copy --stage1-from work_dirs/quickstart \
+        --cfg-options model.copy_head=None
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from groma_px.data import GroundedConversationDataset
@@ -130,8 +136,43 @@ def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[d
     return {k: float(v) for k, v in metrics.items()}, [str(p) for p in pictures]
 
 
+def _reused_stage1(source: Path, data_root: Path, iters: int) -> tuple[dict, list[str], Path]:
+    """``--stage1-from``: the stage-1 test metrics, pictures and checkpoint of an earlier run.
+
+    Raises:
+        FileNotFoundError: If ``source`` lacks its summary, data or the stage-1 checkpoint.
+        ValueError: If that run trained on other data (generator version, seed or split sizes).
+    """
+    files = [source / "summary.json", source / "data" / "meta.json"]
+    checkpoint = source / "stage1" / f"iter_{iters}.pth"
+    for path in [*files, checkpoint]:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--stage1-from {source}: no {path.relative_to(source)} (a finished quickstart "
+                f"with --stage1-iters {iters} writes it)"
+            )
+
+    def data(meta_file: Path) -> tuple:
+        meta = json.loads(meta_file.read_text())
+        splits = {k: v.get("images") for k, v in meta.get("splits", {}).items()}
+        return meta.get("version"), meta.get("seed"), splits
+
+    if data(files[1]) != data(data_root / "meta.json"):
+        raise ValueError(
+            f"--stage1-from {source}: its stage 1 trained on other data (generator version, "
+            f"seed, images per split: {data(files[1])}) than this run's "
+            f"{data(data_root / 'meta.json')}"
+        )
+    summary = json.loads(files[0].read_text())
+    return summary["stage1"]["test"], summary["stage1"]["region_sets"], checkpoint
+
+
 def _train_chat(
-    args: argparse.Namespace, data_root: Path, work_dir: Path, timings: dict[str, float]
+    args: argparse.Namespace,
+    data_root: Path,
+    work_dir: Path,
+    stage1_checkpoint: Path,
+    timings: dict[str, float],
 ) -> dict:
     """Stages 2 and 3, the test-split evaluation, the export and the example pictures."""
     paths = dict(
@@ -144,10 +185,11 @@ def _train_chat(
         STAGE2_CONFIG,
         **paths,
         work_dir=work_dir / "stage2",
-        load_from=work_dir / "stage1" / f"iter_{args.stage1_iters}.pth",
+        load_from=stage1_checkpoint,
         iters=args.stage2_iters,
         validate=False,
     )
+    apply_cfg_options(cfg2, args.cfg_options)
     _, _, ckpt2 = train_stage(cfg2)
     timings["stage2_s"] = time.perf_counter() - t
 
@@ -160,6 +202,7 @@ def _train_chat(
         iters=args.stage3_iters,
         validate=False,
     )
+    apply_cfg_options(cfg3, args.cfg_options)
     runner, _, ckpt3 = train_stage(cfg3)
     timings["stage3_s"] = time.perf_counter() - t
 
@@ -188,7 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-iters", type=int, default=600, help="stage-1 iterations")
     parser.add_argument("--stage2-iters", type=int, default=80, help="stage-2 iterations")
     parser.add_argument("--stage3-iters", type=int, default=580, help="stage-3 iterations")
+    parser.add_argument(
+        "--stage1-from",
+        type=Path,
+        metavar="DIR",
+        help="reuse the stage 1 of an earlier quickstart in DIR (same data) instead of training it",
+    )
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        metavar="KEY=VALUE",
+        help="overrides of the stage-2 and stage-3 configs (keys must exist)",
+    )
     args = parser.parse_args(argv)
+    for config in (STAGE2_CONFIG, STAGE3_CONFIG):  # a misspelt key fails now, not after stage 1
+        apply_cfg_options(Config.fromfile(str(config)), args.cfg_options)
     work_dir, timings = Path(args.work_dir), {}
     data_root = work_dir / "data"
 
@@ -234,14 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     previews = _write_previews(datasets["val"], work_dir / "previews")
     timings["previews_s"] = time.perf_counter() - t
 
-    t = _step(f"5/{STEPS} stage 1: training the region proposer -> {work_dir / 'stage1'}")
-    stage1, region_sets = _train_stage1(data_root, work_dir / "stage1", args.stage1_iters)
+    if args.stage1_from is not None:
+        t = _step(f"5/{STEPS} stage 1: reusing {args.stage1_from / 'stage1'}")
+        stage1, region_sets, checkpoint1 = _reused_stage1(
+            args.stage1_from, data_root, args.stage1_iters
+        )
+    else:
+        t = _step(f"5/{STEPS} stage 1: training the region proposer -> {work_dir / 'stage1'}")
+        stage1, region_sets = _train_stage1(data_root, work_dir / "stage1", args.stage1_iters)
+        checkpoint1 = work_dir / "stage1" / f"iter_{args.stage1_iters}.pth"
     timings["stage1_s"] = time.perf_counter() - t
     for key, value in sorted(stage1.items()):
         print(f"  {key:<34} {value:.4f}")
-    print(f"  region sets drawn: {work_dir / 'stage1' / 'region_sets'}")
+    print(f"  region sets drawn: {Path(region_sets[0]).parent if region_sets else '-'}")
 
-    chat = _train_chat(args, data_root, work_dir, timings)
+    chat = _train_chat(args, data_root, work_dir, checkpoint1, timings)
     metrics = {**{k: v for k, v in stage1.items() if k.startswith("proposer/")}, **chat["test"]}
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print_table(metrics, f"test split metrics -> {work_dir / 'metrics.json'}")
@@ -252,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "tokenizer": {"path": str(work_dir / "tokenizer"), "size": len(tokenizer)},
         "previews": previews,
-        "stage1": {"test": stage1, "region_sets": region_sets},
+        "stage1": {
+            "test": stage1,
+            "region_sets": region_sets,
+            "checkpoint": str(checkpoint1),
+            "reused_from": None if args.stage1_from is None else str(args.stage1_from),
+        },
+        "cfg_options": args.cfg_options or {},
         "chat": chat,
         "metrics": metrics,
         "timings": timings,

@@ -27,7 +27,10 @@ model = dict(
     region_head="pointer",
     # The pointer's query also reads the mean embedding of the phrase being cited (MDETR-style
     # phrase-region alignment): region accuracy rose from ~0.2 to ~0.6-0.8 in training.
-    region_pointer=dict(phrase_query=True),
+    # relation=dict(): PhraseRelationHead, a CMN-style second hop for relational phrases ("the
+    # triangle left of the star"). Off: at this budget REC 0.787 vs 0.778 without it (relational
+    # 0.27 vs 0.24, 67 questions; one run each, same stage 1) for +2.5 min (docs/NOTES.md).
+    region_pointer=dict(phrase_query=True, relation=None),
     # The answer may copy the question's words (pointer-generator): without it the from-scratch
     # LLM rewrote "the hexagon" as "the circle" and the phrase query then sought a circle.
     copy_head=dict(),

@@ -1,7 +1,9 @@
 """Checkpoints through ``tools/``: a run killed (SIGKILL) mid-run or in the middle of writing a
-checkpoint resumes to the uninterrupted run's weights and loss curve, bit for bit; mmengine's own
-``CheckpointHook`` loses the previous checkpoint in the same kill; ``tools/test.py`` refuses a
-checkpoint of another config, naming the keys."""
+checkpoint resumes to the uninterrupted run's weights and loss curve, bit for bit, also when
+training draws random numbers (visual prompts, region order, mask subsets: the checkpoint holds
+the generators' states); mmengine's own ``CheckpointHook`` loses the previous checkpoint in the
+same kill, and does not continue a random run; ``tools/test.py`` refuses a checkpoint of another
+config, naming the keys."""
 
 from __future__ import annotations
 
@@ -71,6 +73,33 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "config": config, "plain": plain, "reference": reference}
 
 
+@pytest.fixture(scope="module")
+def random_setup(setup: dict) -> dict:
+    """The same, keeping everything that draws random numbers in training (random visual
+    prompts in the pipeline, shuffled regions, dropped region-text words, mask subsets), and
+    its uninterrupted run."""
+    root = setup["root"]
+    config = tiny_runs.write_config(
+        root / "tiny_random.py",
+        tiny_runs.TinyWorkspace(root / "data", root / "tokenizer"),
+        options={
+            "train_cfg.max_iters": ITERS,
+            "default_hooks.checkpoint.interval": INTERVAL,
+            "default_hooks.checkpoint.max_keep_ckpts": 1,
+            "default_hooks.checkpoint.type": "AtomicCheckpointHook",
+            "model.mask_loss.max_masks": 1,
+        },
+        additions={
+            "custom_imports": dict(imports=["groma_px.engine", "crash_hooks"]),
+            "custom_hooks": [dict(type="SigkillAtIterHook")],
+        },
+        deterministic=False,
+    )
+    reference = root / "random_reference"
+    _train(root, config, reference)
+    return {"root": root, "config": config, "reference": reference}
+
+
 def _train(root: Path, config: Path, work_dir: Path, *args: str, check: bool = True, **env) -> int:
     """Runs tools/train.py with the crash hooks importable; ``env`` arms them."""
     proc = tiny_runs.run_tool(
@@ -105,6 +134,31 @@ def test_resume_after_a_kill_mid_run_reproduces_the_uninterrupted_run(setup):
     assert _pointer(work) == work / "iter_4.pth"  # iteration 5 is lost and redone
     _train(setup["root"], setup["config"], work, "--resume")
     _assert_same_run(work, setup["reference"])
+
+
+@pytest.mark.slow
+def test_a_random_run_resumed_after_a_kill_continues_the_same_random_stream(random_setup):
+    root, config = random_setup["root"], random_setup["config"]
+    work = root / "random_killed"
+    assert _train(root, config, work, check=False, SIGKILL_AT_ITER="3") != 0
+    assert _pointer(work) == work / "iter_2.pth"
+    _train(root, config, work, "--resume")
+    _assert_same_run(work, random_setup["reference"])
+
+
+@pytest.mark.slow
+def test_without_the_rng_states_a_resumed_random_run_diverges(random_setup):
+    # Why the states: the same kill and resume with mmengine's hook (fresh seeds on resume).
+    root, config = random_setup["root"], random_setup["config"]
+    work = root / "random_stock"
+    stock = ("--cfg-options", "default_hooks.checkpoint.type=CheckpointHook")
+    assert _train(root, config, work, *stock, check=False, SIGKILL_AT_ITER="3") != 0
+    _train(root, config, work, *stock, "--resume")
+    losses = tiny_runs.train_losses(work)
+    expected = tiny_runs.train_losses(random_setup["reference"])
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    assert [losses[i] for i in (1, 2)] == [expected[i] for i in (1, 2)]  # before the kill
+    assert [losses[i] for i in range(3, ITERS + 1)] != [expected[i] for i in range(3, ITERS + 1)]
 
 
 @pytest.mark.slow

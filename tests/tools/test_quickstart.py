@@ -90,6 +90,52 @@ def test_quickstart_chat_outputs(quickstart_dir):
     assert summary["metrics"] == metrics
 
 
+def _quickstart_args(work: Path, num_train: int = 24) -> list[str]:
+    sizes = ["--num-train", str(num_train), "--num-val", "12", "--num-test", "12"]
+    iters = ["--stage1-iters", "2", "--stage2-iters", "2", "--stage3-iters", "2"]
+    return ["tools/quickstart.py", "--work-dir", str(work), *sizes, "--num-region-tokens", "16"] + (
+        iters
+    )
+
+
+def test_quickstart_reuses_a_stage1_and_overrides_the_chat_configs(quickstart_dir, tmp_path):
+    work = tmp_path / "ablation"
+    proc = _run(
+        *_quickstart_args(work),
+        "--stage1-from",
+        str(quickstart_dir),
+        "--cfg-options",
+        "model.region_loss_weight=2.5",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"stage 1: reusing {quickstart_dir / 'stage1'}" in proc.stdout
+    assert not (work / "stage1").exists()
+    summary = json.loads((work / "summary.json").read_text())
+    first = json.loads((quickstart_dir / "summary.json").read_text())
+    assert summary["stage1"]["test"] == first["stage1"]["test"]
+    assert summary["stage1"]["checkpoint"] == str(quickstart_dir / "stage1" / "iter_2.pth")
+    assert summary["cfg_options"] == {"model.region_loss_weight": 2.5}
+    for stage in ("stage2", "stage3"):
+        (dumped,) = (work / stage).glob("*.py")
+        assert "region_loss_weight=2.5" in dumped.read_text()
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["proposer/AR@100"] == first["metrics"]["proposer/AR@100"]
+    assert 0.0 <= metrics["rec/acc@0.5"] <= 1.0
+
+
+def test_quickstart_refuses_a_stage1_trained_on_other_data(quickstart_dir, tmp_path):
+    proc = _run(
+        *_quickstart_args(tmp_path / "other", num_train=20), "--stage1-from", str(quickstart_dir)
+    )
+    assert proc.returncode != 0
+    assert f"--stage1-from {quickstart_dir}: its stage 1 trained on other data" in proc.stderr
+    # a misspelt override fails before anything is generated or trained
+    misspelt = tmp_path / "misspelt"
+    proc = _run(*_quickstart_args(misspelt), "--cfg-options", "model.region_los_weight=2.5")
+    assert proc.returncode != 0 and "region_los_weight" in proc.stderr
+    assert not misspelt.exists()
+
+
 def test_validate_data_cli(quickstart_dir):
     data = quickstart_dir / "data"
     ok = _run("tools/validate_data.py", str(data / "val.jsonl"))
