@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from typing import Self
 
+from torch import nn
+
+from region_proposer.pretrain import with_in_channels
+
 from ..llm.copy_head import CopyHead
 from ..llm.describe_head import DescribeHead
 from ..llm.pointer import RegionPointerHead
+from ..registry import MODELS
 from .perception_cache import PerceptionCache
 from .region_text import RegionTextAlignment
 
@@ -44,6 +49,20 @@ class PartsConfigMixin:
         if levels:
             cfg.setdefault("num_levels", self.backbone.num_levels(consumer))
         return cfg
+
+    def _build_region_classifier(self, cfg: dict | None) -> None:
+        """Stage 1's ``RegionClassifier`` on the proposer's pyramid and a zero-initialised
+        projection of its class probabilities to the region-token width (or None)."""
+        self.region_classifier = self.class_embed = None
+        if cfg is None:
+            return
+        cfg = {"type": "region_proposer.RegionClassifier", **cfg}
+        self.region_classifier = MODELS.build(
+            with_in_channels(cfg, self.backbone, self.consumers["proposer"])
+        )
+        num_classes = self.region_classifier.num_classes
+        self.class_embed = nn.Linear(num_classes, self.llm.hidden_size, bias=False)
+        nn.init.zeros_(self.class_embed.weight)
 
     def _mask_head_cfg(self, cfg: dict) -> dict:
         consumer = self.consumers["mask"]

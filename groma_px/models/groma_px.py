@@ -103,6 +103,11 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         user_region_features: Read a human turn's ``<refer_box>`` as ``<refer_feat>``: the
             user region's feature is spliced in where the question cites it (as Groma's
             ``<refer_feat>``), not only in the region block. Defaults to False.
+        region_classifier: Keyword arguments of stage 1's ``RegionClassifier`` (its weights
+            load from the stage-1 checkpoint under the same name; freeze it with ``frozen``):
+            each region token gets ``W softmax(classifier logits)`` added, ``W`` starting at
+            zero, so the category the pyramid was trained to name reaches the LLM and the
+            pointer directly. None: off. Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -134,6 +139,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         mask_loss: dict | None = None,
         point_box_size: float = 0.1,
         user_region_features: bool = False,
+        region_classifier: dict | None = None,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -153,6 +159,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self.llm = MODELS.build(self._llm_cfg(llm))
         self.region_encoder = MODELS.build(self._width_cfg(region_encoder, "region", levels=True))
         self.image_tokenizer = MODELS.build(self._width_cfg(image_tokenizer, "image"))
+        self._build_region_classifier(region_classifier)
         self.selector = MODELS.build(dict(type="RegionSelector") if selector is None else selector)
         if self.selector.top_k > self.vocab.num_region_tokens:
             raise ValueError(
@@ -287,6 +294,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             image=perception.image,
             **({"masks": masks} if any(masks) else {}),
         )
+        if self.region_classifier is not None:
+            logits = self.region_classifier(perception.pyramids[self.consumers["proposer"]], boxes)
+            feats = feats + self.class_embed(logits.float().softmax(-1).to(feats.dtype))
         counts = torch.tensor([len(b) for b in boxes], device=feats.device)
         offsets = torch.cumsum(counts, 0) - counts
         return feats, offsets

@@ -185,3 +185,36 @@ def test_pixel_branch_reads_the_image_inside_each_box_only(pixel_head):
         _encoder(pixel_roi_size=-1)
     with pytest.raises(ValueError, match="pixel_head"):
         _encoder(pixel_roi_size=3, pixel_head="vit")
+
+
+def test_stage1_region_classifier_feeds_the_region_tokens(
+    build_model, tiny_cfg, make_batch, single_thread
+):
+    from region_proposer.pretrain import ProposerPretrainer
+
+    plain = build_model()
+    model = build_model(
+        region_classifier=dict(num_classes=7), frozen=("backbone", "proposer", "region_classifier")
+    )
+    # a stage-1 checkpoint's classifier loads under the same names, and stays frozen
+    stage1 = ProposerPretrainer(
+        backbone=tiny_cfg.model.backbone.to_dict(),
+        proposer=tiny_cfg.model.proposer.to_dict(),
+        region_classifier=dict(num_classes=7),
+    ).state_dict()
+    classifier = {k: v for k, v in stage1.items() if k.startswith("region_classifier.")}
+    assert classifier
+    assert not model.load_state_dict(classifier, strict=False).unexpected_keys
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in classifier.items())
+    assert not any(p.requires_grad for p in model.region_classifier.parameters())
+    # the projection starts at zero: the same tokens as the model without the classifier
+    plain.load_state_dict(model.state_dict(), strict=False)
+    data = model.data_preprocessor(make_batch([0, 1]), False)
+    with torch.no_grad():
+        perception = plain.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+        reference = plain._region_features(perception)[0]
+        assert torch.equal(model._region_features(perception)[0], reference)
+        model.class_embed.weight.normal_()
+        assert not torch.allclose(model._region_features(perception)[0], reference)
+    model(**model.data_preprocessor(make_batch([0, 1]), True), mode="loss")["loss"].backward()
+    assert model.class_embed.weight.grad.abs().sum() > 0
