@@ -11,7 +11,8 @@ way, and the previous best is removed only after the new one is in place.
 
 mmengine also checkpoints no random-number state: a resumed run re-seeds and then draws other
 visual prompts, mask-loss subsets and region orders than the uninterrupted run would have. The
-hook stores every rank's Python, NumPy, torch (and CUDA) generator states in each checkpoint and
+hook stores the Python, NumPy, torch (and CUDA) generator states (one-process runs) in each
+checkpoint and
 restores them on resume at the exact point the uninterrupted run had reached: after the train
 loop has skipped the batches already trained, before it fetches the next one.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from mmengine.dist import get_rank, get_world_size, is_main_process
 from mmengine.fileio.backends import LocalBackend
 from mmengine.hooks import CheckpointHook
 
@@ -157,7 +158,7 @@ class AtomicCheckpointHook(CheckpointHook):
     ``save_best`` checkpoints are staged and renamed too, the previous best removed after.
     Remote backends (``backend_args``) fall back to mmengine's behaviour.
 
-    Every checkpoint also carries each rank's random-number states (:data:`RNG_KEY`); on resume
+    A one-process run's checkpoints also carry its random-number states (:data:`RNG_KEY`); on resume
     (not on ``load_from``) they are restored where the uninterrupted run stood, so that a run
     with random visual prompts, mask-loss subsets or shuffled regions continues bit for bit.
     A resume on another number of processes keeps the fresh seeds, with a warning. Validation
@@ -171,8 +172,8 @@ class AtomicCheckpointHook(CheckpointHook):
 
     # ---- random-number state -----------------------------------------------------------------
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        states = all_gather_object(capture_rng_state()) if get_world_size() > 1 else None
-        checkpoint[RNG_KEY] = states or [capture_rng_state()]
+        # mmengine saves on the main process only (no collective is safe here): its states alone.
+        checkpoint[RNG_KEY] = [capture_rng_state()] if get_world_size() == 1 else []
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         states, meta = checkpoint.get(RNG_KEY), checkpoint.get("meta", {})
