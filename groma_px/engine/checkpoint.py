@@ -11,10 +11,9 @@ way, and the previous best is removed only after the new one is in place.
 
 mmengine also checkpoints no random-number state: a resumed run re-seeds and then draws other
 visual prompts, mask-loss subsets and region orders than the uninterrupted run would have. The
-hook stores the Python, NumPy, torch (and CUDA) generator states (one-process runs) in each
-checkpoint and
-restores them on resume at the exact point the uninterrupted run had reached: after the train
-loop has skipped the batches already trained, before it fetches the next one.
+hook stores the Python, NumPy, torch (and CUDA) generator states of a one-process run in each
+checkpoint and restores them on resume at the exact point the uninterrupted run had reached:
+after the train loop has skipped the batches already trained, before it fetches the next one.
 """
 
 from __future__ import annotations
