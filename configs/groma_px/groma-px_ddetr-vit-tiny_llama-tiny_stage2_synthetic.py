@@ -37,7 +37,9 @@ model = dict(
     # Every labelled region of a training image also trains the pointer's phrase query against
     # its feature (its words, a random subset: "the star" ... "the small red star"): REC
     # questions alone give one label per sample, and shape was what the regions lacked.
-    region_text_loss=dict(),
+    # negatives="batch": each query competes over every kept region of the batch, not only its
+    # image's (docs/NOTES.md, "Batch-wide region-text negatives").
+    region_text_loss=dict(negatives="image"),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
     describe_head=dict(),

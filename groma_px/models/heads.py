@@ -18,7 +18,7 @@ from ..llm.pointer import padded_rows, phrase_embeddings, pointer_logits
 from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
 from .outputs import Perception, rank_mean
-from .region_text import match_regions, multi_positive_nce
+from .region_text import batch_queries, match_regions, multi_positive_nce
 
 
 class GroundingHeadsMixin:
@@ -163,9 +163,9 @@ class GroundingHeadsMixin:
         """``loss_region_text`` and ``region_text_acc`` (``RegionTextAlignment``): each query
         (a labelled region's words) is embedded as the pointer embeds a cited phrase (mean token
         embedding, ``phrase_query``) and scored against the feature keys of its image's kept
-        regions."""
+        regions (``negatives="image"``) or of the whole batch's (``"batch"``)."""
         pointer = self.region_pointer
-        texts, sample_index, positives = [], [], []
+        matched = []  # (labels, match) per image
         for b, (sample, sel) in enumerate(zip(data_samples, perception.selections, strict=True)):
             labels = sample.metainfo.get("region_labels")
             if labels is None:
@@ -174,11 +174,9 @@ class GroundingHeadsMixin:
                     "region_text_loss needs PackGroundedChatInputs(region_label_fields=...)"
                 )
             gt = normalize_boxes(sample.gt_boxes.float(), valid_sizes[b]).clamp(0.0, 1.0)
-            match = match_regions(gt.to(sel.boxes), sel.boxes, self.region_text.iou_thr)
-            for text, rows in self.region_text.queries(labels, match):
-                texts.append(text)
-                sample_index.append(b)
-                positives.append(rows)
+            iou_thr = self.region_text.iou_thr
+            matched.append((labels, match_regions(gt.to(sel.boxes), sel.boxes, iou_thr)))
+        texts, sample_index, positives = batch_queries(self.region_text, matched)
         keys = pointer.feature_key(batch["region_feats"])
         count = keys.new_tensor(float(len(texts)))
         if self.token_average == "global":  # every rank takes part, queries or not
@@ -199,12 +197,16 @@ class GroundingHeadsMixin:
         embeds = self.llm.embed_tokens(token_ids).to(keys.dtype)
         phrases = (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         queries = pointer.phrase_query(phrases)  # (Q, d)
-        counts = torch.tensor(batch["num_regions"], device=device)
-        k_max = int(counts.max())
-        index = torch.tensor(sample_index, device=device)
-        region_keys = padded_rows(keys, batch["num_regions"], k_max)[index]  # (Q, K, d)
-        scores = torch.einsum("qd,qkd->qk", queries, region_keys) * pointer.scale
-        valid = torch.arange(k_max, device=device)[None, :] < counts[index][:, None]
+        if self.region_text.negatives == "batch":
+            scores = queries @ keys.T * pointer.scale  # (Q, sum K)
+            valid = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            counts = torch.tensor(batch["num_regions"], device=device)
+            k_max = int(counts.max())
+            index = torch.tensor(sample_index, device=device)
+            region_keys = padded_rows(keys, batch["num_regions"], k_max)[index]  # (Q, K, d)
+            scores = torch.einsum("qd,qkd->qk", queries, region_keys) * pointer.scale
+            valid = torch.arange(k_max, device=device)[None, :] < counts[index][:, None]
         positive = torch.zeros_like(valid)
         for q, rows in enumerate(positives):
             positive[q, rows] = True

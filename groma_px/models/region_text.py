@@ -45,6 +45,11 @@ class RegionTextAlignment:
             "the".
         iou_thr: A kept region stands for the record region it overlaps best at this IoU or
             more. Defaults to 0.5.
+        negatives: ``"image"``: a query competes over the kept regions of its own image (as the
+            pointer chooses at inference); ``"batch"``: over every kept region of the batch, the
+            positives being all those, in any image, whose record region has the named values
+            (so "the circle" must beat every hexagon of the batch, not only its image's).
+            Defaults to "image".
     """
 
     weight: float = 1.0
@@ -52,6 +57,7 @@ class RegionTextAlignment:
     noun: str = "object"
     prefix: str = "the"
     iou_thr: float = 0.5
+    negatives: str = "image"
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
@@ -60,6 +66,10 @@ class RegionTextAlignment:
             raise ValueError(f"region_text_loss.drop_prob must be in [0, 1), got {self.drop_prob}")
         if not 0.0 < self.iou_thr <= 1.0:
             raise ValueError(f"region_text_loss.iou_thr must be in (0, 1], got {self.iou_thr}")
+        if self.negatives not in ("image", "batch"):
+            raise ValueError(
+                f"region_text_loss.negatives must be 'image' or 'batch', got {self.negatives!r}"
+            )
 
     def queries(
         self,
@@ -79,6 +89,19 @@ class RegionTextAlignment:
             ``(text, positive kept rows)`` per query: the rows whose record region has every
             field the query names with the same value (the region itself and any look-alike).
         """
+        return [
+            (text, positive_rows(labels, match, named))
+            for text, named in self.draw(labels, match, generator)
+        ]
+
+    def draw(
+        self,
+        labels: Sequence[Sequence[str | None]],
+        match: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[str, dict[int, str]]]:
+        """``(text, {field index: value})`` of one query per covered record region (the fields
+        it names), as :meth:`queries` draws them."""
         covered = sorted({int(m) for m in match.tolist() if m >= 0})
         out = []
         for m in covered:
@@ -95,13 +118,57 @@ class RegionTextAlignment:
             words = [labels[m][f] for f in fields if f != noun_field]
             noun = labels[m][noun_field] if noun_field in fields else self.noun
             text = " ".join([*([self.prefix] if self.prefix else []), *words, noun])
-            rows = [
-                k
-                for k, r in enumerate(match.tolist())
-                if r >= 0 and all(labels[r][f] == labels[m][f] for f in fields)
-            ]
-            out.append((text, rows))
+            out.append((text, {f: labels[m][f] for f in fields}))
         return out
+
+
+def positive_rows(
+    labels: Sequence[Sequence[str | None]], match: Tensor, named: dict[int, str]
+) -> list[int]:
+    """Kept rows whose record region (``match``) has every ``named`` field's value."""
+    return [
+        k
+        for k, r in enumerate(match.tolist())
+        if r >= 0 and all(labels[r][f] == value for f, value in named.items())
+    ]
+
+
+def batch_queries(
+    align: RegionTextAlignment,
+    matched: Sequence[tuple[Sequence[Sequence[str | None]], Tensor]],
+    generator: torch.Generator | None = None,
+) -> tuple[list[str], list[int], list[list[int]]]:
+    """The region-text queries of a batch.
+
+    Args:
+        align: How queries are drawn and what they compete over (``negatives``).
+        matched: Per image, ``(labels, match)`` as :meth:`RegionTextAlignment.queries` takes them.
+        generator: Random stream for the field subsets. Defaults to torch's global one.
+
+    Returns:
+        ``texts``, the image each query comes from, and each query's positive rows: rows of its
+        own image (``negatives="image"``), or rows of the kept regions of all images in batch
+        order, those of every image whose record region has the named values (``"batch"``).
+    """
+    starts = [0]
+    for _, match in matched:
+        starts.append(starts[-1] + len(match))
+    texts, image_index, positives = [], [], []
+    for b, (labels, match) in enumerate(matched):
+        for text, named in align.draw(labels, match, generator):
+            texts.append(text)
+            image_index.append(b)
+            if align.negatives == "image":
+                positives.append(positive_rows(labels, match, named))
+            else:
+                positives.append(
+                    [
+                        starts[c] + k
+                        for c, (other, other_match) in enumerate(matched)
+                        for k in positive_rows(other, other_match, named)
+                    ]
+                )
+    return texts, image_index, positives
 
 
 def multi_positive_nce(

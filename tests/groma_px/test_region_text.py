@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from groma_px.data.chat_transforms import region_labels
-from groma_px.models.region_text import RegionTextAlignment, match_regions, multi_positive_nce
+from groma_px.models.region_text import (
+    RegionTextAlignment,
+    batch_queries,
+    match_regions,
+    multi_positive_nce,
+)
 
 LABELS = [
     ("small", "red", "star"),
@@ -128,3 +133,44 @@ def test_model_loss_needs_labels_and_a_phrase_query(build_model, make_batch):
         build_model(
             region_pointer=dict(phrase_query=False), region_text_loss=None, describe_head={}
         )
+
+
+def test_batch_negatives_take_positives_from_every_image():
+    align = RegionTextAlignment(drop_prob=0.0)
+    batch = RegionTextAlignment(drop_prob=0.0, negatives="batch")
+    other = [("small", "red", "star"), ("large", "blue", "hexagon")]
+    matched = [(LABELS[:3], torch.tensor([2, 0, -1])), (other, torch.tensor([-1, 1, 0]))]
+    texts, image_index, positives = batch_queries(align, matched)
+    assert texts == [
+        "the small red star",
+        "the small blue circle",
+        "the small red star",
+        "the large blue hexagon",
+    ]
+    assert image_index == [0, 0, 1, 1]
+    assert positives == [[1], [0], [2], [1]]  # rows of the own image
+    texts_b, image_index_b, positives_b = batch_queries(batch, matched)
+    assert (texts_b, image_index_b) == (texts, image_index)
+    # rows of the batch (image 1 starts at row 3): both small red stars are positives of each
+    assert positives_b == [[1, 5], [0], [1, 5], [4]]
+    with pytest.raises(ValueError, match="negatives"):
+        RegionTextAlignment(negatives="dataset")
+
+
+def test_model_loss_with_batch_negatives_scores_the_whole_batch_and_trains_the_encoder(
+    build_model, make_batch, single_thread
+):
+    torch.manual_seed(0)
+    model = build_model()
+    batch = model.data_preprocessor(make_batch([0, 1, 2, 3]), True)
+    torch.manual_seed(1)
+    image = model(**batch, mode="loss")["loss_region_text"]
+    model.region_text = RegionTextAlignment(negatives="batch")
+    torch.manual_seed(1)  # the same field subsets
+    losses = model(**batch, mode="loss")
+    wide = losses["loss_region_text"]
+    # the same queries, each against a superset of its negatives (and of its positives)
+    assert torch.isfinite(wide) and wide.item() != pytest.approx(image.item())
+    wide.backward()
+    grads = [p.grad for p in model.region_encoder.head.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
