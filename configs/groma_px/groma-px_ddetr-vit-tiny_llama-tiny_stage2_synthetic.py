@@ -39,7 +39,7 @@ model = dict(
     # questions alone give one label per sample, and shape was what the regions lacked.
     # negatives="batch": each query competes over every kept region of the batch, not only its
     # image's (docs/NOTES.md, "Batch-wide region-text negatives").
-    region_text_loss=dict(negatives="image"),
+    region_text_loss=dict(negatives="batch"),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
     describe_head=dict(),
