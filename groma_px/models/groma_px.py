@@ -295,7 +295,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             **({"masks": masks} if any(masks) else {}),
         )
         if self.region_classifier is not None:
-            logits = self.region_classifier(perception.pyramids[self.consumers["proposer"]], boxes)
+            logits = self.region_classifier(
+                perception.pyramids[self.consumers["proposer"]], boxes, image=perception.image
+            )
             feats = feats + self.class_embed(logits.float().softmax(-1).to(feats.dtype))
         counts = torch.tensor([len(b) for b in boxes], device=feats.device)
         offsets = torch.cumsum(counts, 0) - counts

@@ -136,7 +136,7 @@ class ProposerPretrainer(BaseModel):
             if self.region_classifier is not None:
                 labels = self._labels(data_samples)
                 boxes = [inst.bboxes for inst in instances]
-                losses.update(self.region_classifier.loss(feats, boxes, labels))
+                losses.update(self.region_classifier.loss(feats, boxes, labels, image=inputs))
             return losses
         proposals = self.proposer(feats, instances)
         if mode == "tensor":

@@ -187,23 +187,27 @@ def test_pixel_branch_reads_the_image_inside_each_box_only(pixel_head):
         _encoder(pixel_roi_size=3, pixel_head="vit")
 
 
+@pytest.mark.parametrize(
+    "classifier_cfg", [dict(num_classes=7), dict(num_classes=7, pixel_roi_size=8)], ids=str
+)
 def test_stage1_region_classifier_feeds_the_region_tokens(
-    build_model, tiny_cfg, make_batch, single_thread
+    build_model, tiny_cfg, make_batch, single_thread, classifier_cfg
 ):
     from region_proposer.pretrain import ProposerPretrainer
 
     plain = build_model()
     model = build_model(
-        region_classifier=dict(num_classes=7), frozen=("backbone", "proposer", "region_classifier")
+        region_classifier=classifier_cfg, frozen=("backbone", "proposer", "region_classifier")
     )
     # a stage-1 checkpoint's classifier loads under the same names, and stays frozen
     stage1 = ProposerPretrainer(
         backbone=tiny_cfg.model.backbone.to_dict(),
         proposer=tiny_cfg.model.proposer.to_dict(),
-        region_classifier=dict(num_classes=7),
+        region_classifier=dict(classifier_cfg, pixel_views=4, pixel_jitter=0.1),
     ).state_dict()
     classifier = {k: v for k, v in stage1.items() if k.startswith("region_classifier.")}
     assert classifier
+    assert any(".pixel_head." in k for k in classifier) == ("pixel_roi_size" in classifier_cfg)
     assert not model.load_state_dict(classifier, strict=False).unexpected_keys
     assert all(torch.equal(model.state_dict()[k], v) for k, v in classifier.items())
     assert not any(p.requires_grad for p in model.region_classifier.parameters())

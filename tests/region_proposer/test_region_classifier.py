@@ -80,6 +80,107 @@ def test_loss_errors_and_empty_batch():
         RegionClassifier(in_channels=[3], num_classes=1)
 
 
+def _pattern_batch(generator, n_images=4):
+    """Images whose class lives only in the pixels inside each box: 0 a filled square, 1 a
+    hollow one, 2 a horizontal bar; two boxes per 32x32 image, left and right."""
+    images = torch.zeros(n_images, 3, 32, 32)
+    labels = [torch.randint(3, (2,), generator=generator) for _ in range(n_images)]
+    boxes = torch.tensor([[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]])
+    for b, label in enumerate(labels):
+        for side, cls in enumerate(label.tolist()):
+            x0 = 16 * side
+            patch = images[b, :, 8:24, x0 : x0 + 16]
+            if cls == 0:
+                patch += 1.0
+            elif cls == 1:
+                patch += 1.0
+                patch[:, 3:-3, 3:-3] = 0.0
+            else:
+                patch[:, 6:10, :] += 1.0
+    return images, [boxes.clone() for _ in range(n_images)], labels
+
+
+def test_pixel_expert_reads_what_the_pyramid_lacks():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    head = RegionClassifier(
+        in_channels=[3],
+        num_classes=3,
+        roi_size=2,
+        hidden_dim=8,
+        pixel_roi_size=8,
+        pixel_width=8,
+        pixel_views=3,
+        pixel_jitter=0.1,
+    )
+    optim = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(80):
+        images, boxes, labels = _pattern_batch(generator)
+        pyramid = _pyramid([torch.randn(4, 3, 8, 8)])  # stride 4, no class information
+        losses = head.loss(pyramid, boxes, labels, image=images)
+        optim.zero_grad()
+        (losses["loss_region_cls"] + losses["loss_pixel_cls"]).backward()
+        optim.step()
+    assert {"loss_region_cls", "region_cls_acc", "loss_pixel_cls", "pixel_cls_acc"} <= set(losses)
+    images, boxes, labels = _pattern_batch(generator)
+    pyramid = _pyramid([torch.randn(4, 3, 8, 8)])
+    with torch.no_grad():
+        pixel = head.pixel_logits(pyramid, boxes, images)
+        combined = head(pyramid, boxes, image=images)
+        expected = head.pyramid_logits(pyramid, boxes).log_softmax(-1) + pixel.log_softmax(-1)
+    target = torch.cat(labels)
+    assert (pixel.argmax(-1) == target).float().mean().item() == 1.0
+    assert (combined.argmax(-1) == target).float().mean().item() >= 0.875
+    torch.testing.assert_close(combined, expected)
+
+
+def test_pixel_views_are_jittered_copies_inside_the_image():
+    torch.manual_seed(0)
+    head = RegionClassifier(
+        in_channels=[3], num_classes=3, pixel_roi_size=4, pixel_views=5, pixel_jitter=0.2
+    )
+    boxes = [torch.tensor([[0.0, 0.1, 0.4, 0.5], [0.5, 0.5, 1.0, 1.0]]), torch.zeros(0, 4)]
+    views = head._jittered(boxes)
+    assert views[0].shape == (10, 4) and views[1].shape == (0, 4)
+    assert bool((views[0] >= 0).all() and (views[0] <= 1).all())
+    moved = (views[0] - boxes[0].repeat(5, 1)).abs()
+    extent = (boxes[0][:, 2:] - boxes[0][:, :2]).repeat(5, 2)
+    assert bool((moved <= 0.2 * extent + 1e-6).all()) and moved.max() > 0
+    # labels follow their views: one image, labels [1, 2] -> five views of each
+    pyramid = _pyramid([torch.randn(2, 3, 8, 8)])
+    images = torch.randn(2, 3, 32, 32)
+    labels = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long)]
+    losses = head.loss(pyramid, boxes, labels, image=images)
+    assert losses["loss_pixel_cls"].requires_grad
+
+
+def test_pixel_expert_is_padding_invariant_and_checks_its_input():
+    torch.manual_seed(0)
+    head = RegionClassifier(in_channels=[4], num_classes=3, roi_size=2, pixel_roi_size=6)
+    alone_map, alone_img = torch.randn(1, 4, 8, 10), torch.randn(1, 3, 32, 40)
+    padded_map, padded_img = torch.randn(2, 4, 12, 12), torch.randn(2, 3, 48, 48)
+    padded_map[1, :, :8, :10] = alone_map[0]
+    padded_img[1, :, :32, :40] = alone_img[0]
+    box = torch.tensor([[0.1, 0.2, 0.6, 0.9]])
+    alone = head(_pyramid([alone_map]), [box], image=alone_img)
+    valid = torch.tensor([[48, 48], [32, 40]])
+    padded = head(_pyramid([padded_map], valid), [torch.zeros(0, 4), box], image=padded_img)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the input image"):
+        head(_pyramid([alone_map]), [box])
+    with pytest.raises(ValueError, match=r"image must be \(B, 3, H, W\) with B=1"):
+        head(_pyramid([alone_map]), [box], image=torch.randn(2, 3, 32, 40))
+    with pytest.raises(ValueError, match="no pixel expert"):
+        RegionClassifier(in_channels=[4], num_classes=3).pixel_logits(
+            _pyramid([alone_map]), [box], alone_img
+        )
+    for bad in (dict(pixel_roi_size=-1), dict(pixel_views=0), dict(pixel_jitter=0.5)):
+        with pytest.raises(ValueError, match="pixel_roi_size >= 0, pixel_views >= 1"):
+            RegionClassifier(in_channels=[4], num_classes=3, **bad)
+    with pytest.raises(ValueError, match="pixel_weight must be > 0"):
+        RegionClassifier(in_channels=[4], num_classes=3, pixel_weight=0.0)
+
+
 def _write_coco(root, categories):
     Image.new("RGB", (40, 30)).save(root / "a.png")
     anns = [
@@ -150,6 +251,7 @@ def test_stage1_config_trains_the_backbone_through_the_classifier():
     model.train()
     losses = model(**model.data_preprocessor(_pretrainer_batch(True), True), mode="loss")
     assert {"loss_region_cls", "region_cls_acc", "loss_focal"} <= set(losses)
+    assert {"loss_pixel_cls", "pixel_cls_acc"} <= set(losses)  # the pixel expert is on
     losses["loss_region_cls"].backward()
     grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
