@@ -242,16 +242,20 @@ def _pretrainer_batch(with_labels):
     }
 
 
-def test_stage1_config_trains_the_backbone_through_the_classifier():
+@pytest.mark.parametrize("pixel", [False, True], ids=["default", "pixel-expert"])
+def test_stage1_config_trains_the_backbone_through_the_classifier(pixel):
     cfg = Config.fromfile(str(TINY))
     assert cfg.train_dataloader.dataset.with_labels
+    if pixel:  # the opt-in ablation of docs/NOTES.md, "Pixel shape expert"
+        cfg.model.region_classifier.update(pixel_roi_size=16, pixel_views=2, pixel_jitter=0.15)
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope("region_proposer"):
         model = MODELS.build(cfg.model)
     model.train()
     losses = model(**model.data_preprocessor(_pretrainer_batch(True), True), mode="loss")
     assert {"loss_region_cls", "region_cls_acc", "loss_focal"} <= set(losses)
-    assert {"loss_pixel_cls", "pixel_cls_acc"} <= set(losses)  # the pixel expert is on
+    # The pixel expert is off by default and adds its own loss only when configured.
+    assert ({"loss_pixel_cls", "pixel_cls_acc"} <= set(losses)) is pixel
     losses["loss_region_cls"].backward()
     grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
