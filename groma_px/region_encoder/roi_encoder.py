@@ -73,9 +73,28 @@ def pool_regions(
     )
 
 
-def box_features(boxes: Tensor) -> Tensor:
-    """(K, 4) normalised xyxy -> (K, 6) (x0, y0, x1, y1, w, h), the box-embedding input."""
-    return torch.cat([boxes, boxes[:, 2:] - boxes[:, :2]], dim=1)
+BOX_EMBEDS = ("xyxywh", "shorter_side")
+
+
+def box_features(boxes: Tensor, image_sizes: Tensor | None = None) -> Tensor:
+    """The box-embedding input of each region.
+
+    Args:
+        boxes: (K, 4) normalised xyxy.
+        image_sizes: (K, 2) (h, w) of the unpadded image of each box, or None.
+
+    Returns:
+        (K, 6) (x0, y0, x1, y1, w, h) without ``image_sizes``; with them (K, 8), followed by the
+        box's width and height in units of its image's shorter side. Normalised coordinates drop
+        the image's aspect ratio, so "a large object" (an extent relative to the image, as in the
+        synthetic scenes' size classes) is ambiguous from them alone on non-square images.
+    """
+    wh = boxes[:, 2:] - boxes[:, :2]
+    if image_sizes is None:
+        return torch.cat([boxes, wh], dim=1)
+    hw = image_sizes.to(boxes.dtype)
+    shorter = hw.min(dim=1, keepdim=True).values.clamp(min=1.0)
+    return torch.cat([boxes, wh, wh * hw.flip(1) / shorter], dim=1)
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -143,7 +162,10 @@ class RoIRegionEncoder(nn.Module):
         hidden_dim: Width of the per-level projection and the MLPs. Defaults to 512.
         levels: Pyramid levels to pool from. Defaults to all.
         fusion: ``"sum"`` or ``"concat"`` of the projected levels. Defaults to ``"sum"``.
-        box_embed: Add the box-position embedding. Defaults to True.
+        box_embed: Add the box-position embedding: True or ``"xyxywh"`` embeds the normalised
+            (x0, y0, x1, y1, w, h); ``"shorter_side"`` adds the box's width and height in units
+            of its image's shorter side (the aspect ratio that normalised boxes lose; read from
+            the pyramid's ``valid_sizes``); False: none. Defaults to True.
         sampling_ratio: Bilinear samples per output cell and axis (0: adaptive). Defaults to 2.
         legacy_groma_roi: Reproduce Groma's RoI bugs (see above). Defaults to False.
         pixel_roi_size: Cells per side of the input-image RoIAlign branch; 0 turns it off.
@@ -162,7 +184,7 @@ class RoIRegionEncoder(nn.Module):
         hidden_dim: int = 512,
         levels: Sequence[int] | None = None,
         fusion: str = "sum",
-        box_embed: bool = True,
+        box_embed: bool | str = True,
         sampling_ratio: int = 2,
         legacy_groma_roi: bool = False,
         pixel_roi_size: int = 0,
@@ -175,6 +197,10 @@ class RoIRegionEncoder(nn.Module):
             raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
         if pixel_roi_size < 0:
             raise ValueError(f"pixel_roi_size must be >= 0 (0: off), got {pixel_roi_size}")
+        if box_embed is True:
+            box_embed = "xyxywh"
+        if box_embed is not False and box_embed not in BOX_EMBEDS:
+            raise ValueError(f"box_embed must be a bool or one of {BOX_EMBEDS}, got {box_embed!r}")
         if pixel_head not in PIXEL_HEADS:
             raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {pixel_head!r}")
         if legacy_groma_roi:
@@ -195,7 +221,9 @@ class RoIRegionEncoder(nn.Module):
         )
         fused_channels = hidden_dim * (len(self.levels) if fusion == "concat" else 1)
         self.head = _mlp(fused_channels * roi_size * roi_size, hidden_dim, out_dim)
-        self.box_embed = _mlp(6, hidden_dim, out_dim) if box_embed else None
+        self.box_embed_kind = box_embed or None
+        box_dims = 8 if box_embed == "shorter_side" else 6
+        self.box_embed = _mlp(box_dims, hidden_dim, out_dim) if box_embed else None
         self.pixel_roi_size = pixel_roi_size
         self.pixel_head = None
         if pixel_roi_size and pixel_head == "cnn":
@@ -243,7 +271,7 @@ class RoIRegionEncoder(nn.Module):
         fused = sum(projected) if self.fusion == "sum" else torch.cat(projected, dim=1)
         tokens = self.head(fused.flatten(1))
         if self.box_embed is not None:
-            tokens = tokens + self.box_embed(box_features(torch.cat(boxes)).to(tokens.dtype))
+            tokens = tokens + self.box_embed(self._box_features(pyramid, boxes).to(tokens.dtype))
         if self.pixel_head is not None:
             pixels = self._pool_pixels(pyramid, boxes, image)
             if masks is not None and any(masks):
@@ -251,6 +279,18 @@ class RoIRegionEncoder(nn.Module):
                 pixels = (pixels.unflatten(1, (3, -1)) * weights.flatten(2)).flatten(1)
             tokens = tokens + self.pixel_head(pixels)
         return tokens
+
+    def _box_features(self, pyramid: FeaturePyramid, boxes: list[Tensor]) -> Tensor:
+        """``box_features`` of every region, with its image's size for ``"shorter_side"``."""
+        flat = torch.cat(boxes)
+        if self.box_embed_kind != "shorter_side":
+            return box_features(flat)
+        if pyramid.valid_sizes is not None:
+            sizes = pyramid.valid_sizes.to(flat.device)
+        else:  # unpadded batch: every image is the whole padded size
+            sizes = flat.new_tensor(pyramid.image_size).expand(len(boxes), 2)
+        counts = torch.tensor([len(b) for b in boxes], device=flat.device)
+        return box_features(flat, sizes.repeat_interleave(counts, dim=0))
 
     def _mask_weights(
         self,

@@ -155,6 +155,39 @@ def test_without_box_embed_and_bad_arguments():
         _encoder()(_odd_pyramid(), _boxes()[:1])
 
 
+def test_box_features_in_shorter_side_units():
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 0.75, 0.75]])
+    plain = roi_module.box_features(boxes)
+    torch.testing.assert_close(plain[:, 4:], torch.tensor([[0.5, 0.5], [0.5, 0.25]]))
+    # (h, w): 100x200 (landscape) and 300x150 (portrait); extents / shorter side.
+    sized = roi_module.box_features(boxes, torch.tensor([[100, 200], [300, 150]]))
+    torch.testing.assert_close(sized[:, :6], plain)
+    torch.testing.assert_close(sized[:, 6:], torch.tensor([[1.0, 0.5], [0.5, 0.5]]))
+
+
+def test_shorter_side_box_embed_tells_image_aspects_apart():
+    # The same normalised box on a square and on a wide image: "xyxywh" embeds both alike,
+    # "shorter_side" does not (the box on the wide image is twice as wide in pixels).
+    fmap = torch.zeros(2, 4, 8, 16)
+    valid = torch.tensor([[64, 64], [64, 128]])
+    pyramid = FeaturePyramid.from_maps(
+        [fmap, fmap[..., ::2, ::2]], image_size=(64, 128), valid_sizes=valid
+    )
+    boxes = [torch.tensor([[0.25, 0.25, 0.5, 0.5]])] * 2
+    plain = _encoder()(pyramid, boxes)
+    torch.testing.assert_close(plain[0], plain[1])
+    aware = _encoder(box_embed="shorter_side")
+    assert aware.box_embed[0].in_features == 8
+    tokens = aware(pyramid, boxes)
+    assert not torch.allclose(tokens[0], tokens[1])
+    # Without valid sizes every image is the padded size (64x128 here): both alike again.
+    unpadded = FeaturePyramid.from_maps(pyramid.maps, image_size=(64, 128))
+    same = aware(unpadded, boxes)
+    torch.testing.assert_close(same[0], same[1])
+    with pytest.raises(ValueError, match="box_embed"):
+        _encoder(box_embed="polar")
+
+
 def test_registered_in_groma_px_models():
     # module_dict, not build(): a build imports every registry location (seconds of imports).
     assert MODELS.module_dict["RoIRegionEncoder"] is RoIRegionEncoder

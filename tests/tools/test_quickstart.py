@@ -1,5 +1,6 @@
 """The README's main job (tools/quickstart.py) and tools/validate_data.py, run as users run them."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -149,3 +150,36 @@ def test_validate_data_cli(quickstart_dir):
     assert proc.returncode == 1
     assert f"{bad}:2: regions[0].box:" in proc.stdout and f"{bad}:3: <json>:" in proc.stdout
     assert "1 good records" in proc.stdout and "2 bad" in proc.stdout
+
+
+def _bench_oracle():
+    path = ROOT / "benchmarks/bench_oracle_proposals.py"
+    spec = importlib.util.spec_from_file_location("bench_oracle_proposals", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_oracle_proposals_evaluates_the_quickstart_model(quickstart_dir, tmp_path):
+    out = tmp_path / "oracle.json"
+    result = _bench_oracle().main(
+        ["--work-dir", str(quickstart_dir), "--rows", "learned", "oracle", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert set(rows) == {"learned", "oracle"}
+    assert rows["learned"]["proposer"] == "trained"
+    assert rows["oracle"]["proposer"]["type"] == "GroundTruthProposer"
+    # Exact ground-truth boxes: every REC target is among the regions, whatever the model.
+    assert rows["oracle"]["metrics"]["rec/ceiling"] == 1.0
+    learned = rows["learned"]["metrics"]
+    assert 0.0 <= learned["rec/acc@0.5"] <= learned["rec/ceiling"] <= 1.0
+    assert learned["rec/count"] == rows["oracle"]["metrics"]["rec/count"] > 0
+
+
+def test_bench_oracle_proposals_refuses_unknown_rows_and_missing_runs(quickstart_dir, tmp_path):
+    bench = _bench_oracle()
+    with pytest.raises(SystemExit, match="oracle"):
+        bench.main(["--work-dir", str(quickstart_dir), "--rows", "orcale"])
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
