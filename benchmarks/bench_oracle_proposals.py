@@ -6,14 +6,16 @@ table and writes JSON.
 
 Rows (the same trained weights; only the proposals change, at test time):
 
-- ``learned``: the stage-1 proposer, as the quickstart evaluates it;
+- ``learned``: the stage-1 proposer (and its box refiner, when the model has one), as the
+  quickstart evaluates it;
 - ``oracle``: every ground-truth box of the image, exact (``GroundTruthProposer``);
 - ``oracle+jitter``: the ground-truth boxes with Gaussian noise of ``--jitter`` times the box
   size on each coordinate (loose boxes, as a weaker detector's);
 - ``oracle+distractors``: the exact boxes plus ``--distractors`` random boxes per image scored
   above the selection threshold (background regions).
 
-The oracle rows are upper bounds, not results: they say whether the region encoder, the LLM and
+The oracle rows take the boxes as they are (the model's box refiner is switched off for them).
+They are upper bounds, not results: they say whether the region encoder, the LLM and
 the pointer would meet a target given better boxes, and which property of the boxes matters.
 """
 
@@ -79,6 +81,7 @@ def evaluate(cfg: Config, checkpoint: str, proposer: dict | None, work_dir: Path
     cfg = cfg.copy()
     if proposer is not None:
         cfg.model.proposer = proposer
+        cfg.model.box_refiner = None  # the oracle's boxes as they are
     cfg.test_dataloader.dataset.tasks = ["rec", "res"]
     cfg.test_evaluator = [dict(type="RECMetric"), dict(type="RESMetric")]
     cfg.load_from = checkpoint

@@ -1,6 +1,6 @@
 # Stage 2 (alignment) of the tiny CPU pipeline: perception and the LLM frozen; the image tokens,
 # the region encoder and the grounding-token rows train. Starts from the stage-1 checkpoint
-# (load_from; its backbone.* and proposer.* keys match GromaPX's).
+# (load_from; its backbone.*, proposer.* and box_refiner.* keys match GromaPX's).
 _base_ = [
     "../_base_/default_runtime.py",
     "../_base_/datasets/synthetic_chat.py",
@@ -13,6 +13,7 @@ model = dict(
     type="GromaPX",
     backbone={{_base_.backbone}},
     proposer={{_base_.proposer}},
+    box_refiner={{_base_.box_refiner}},  # stage 1's, frozen: tightens the proposals
     region_encoder={{_base_.region_encoder}},
     image_tokenizer={{_base_.image_tokenizer}},
     selector={{_base_.selector}},

@@ -108,6 +108,10 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             each region token gets ``W softmax(classifier logits)`` added, ``W`` starting at
             zero, so the category the pyramid was trained to name reaches the LLM and the
             pointer directly. None: off. Defaults to None.
+        box_refiner: Stage 1's ``BoxRefiner`` (its weights load from the stage-1 checkpoint
+            under the same name): tightens the proposer's boxes from the input pixels before
+            region selection. Always frozen here, like the proposer's outputs. None: off.
+            Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
     """
@@ -140,6 +144,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         point_box_size: float = 0.1,
         user_region_features: bool = False,
         region_classifier: dict | None = None,
+        box_refiner: dict | None = None,
         data_preprocessor: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
@@ -166,7 +171,12 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
                 f"selector.top_k={self.selector.top_k} exceeds the tokenizer's "
                 f"{self.vocab.num_region_tokens} region tokens"
             )
-        self.frozen = tuple(frozen)
+        self.box_refiner = None
+        if box_refiner is not None:
+            self.box_refiner = MODELS.build({"type": "region_proposer.BoxRefiner", **box_refiner})
+        self.frozen = tuple(frozen) + (
+            ("box_refiner",) if box_refiner is not None and "box_refiner" not in frozen else ()
+        )
         self._freeze()
         self._cache = self._build_cache() if cache_perception else None
         self.match_embedding_scale = match_embedding_scale
@@ -274,6 +284,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         ]
         with torch.no_grad():
             proposals = self.proposer(pyramids[self.consumers["proposer"]], gt)
+            if self.box_refiner is not None:
+                proposals = self.box_refiner.refine_proposals(inputs, proposals, valid_sizes)
         return pyramids, proposals
 
     def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..box_ops import denormalize_boxes, normalize_boxes
 from ..registry import MODELS
 from ..structures import FeaturePyramid, Proposals
+from .box_refiner import BoxRefiner  # noqa: F401  (registers the type)
 from .region_classifier import RegionClassifier  # noqa: F401  (registers the type)
 from .transforms import to_original_boxes
 
@@ -50,6 +51,10 @@ class ProposerPretrainer(BaseModel):
             the pyramid, so that a backbone trained from scratch learns what tells objects
             apart, not only where they are. Needs ``gt_instances.labels`` (``CocoBoxDataset(
             with_labels=True)``). The proposer stays class-agnostic. Defaults to None.
+        box_refiner: Optional ``BoxRefiner`` config: a RoI stage that tightens the proposer's
+            boxes from the input pixels around them, trained on jittered ground-truth boxes
+            (its own loss; no gradient into the backbone) and applied to every proposal in
+            ``predict`` and ``tensor`` modes. Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
     """
 
@@ -60,6 +65,7 @@ class ProposerPretrainer(BaseModel):
         proposer: dict,
         consumer: str = "proposer",
         region_classifier: dict | None = None,
+        box_refiner: dict | None = None,
         data_preprocessor: dict | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
@@ -70,6 +76,9 @@ class ProposerPretrainer(BaseModel):
         if region_classifier is not None:
             cfg = {"type": "RegionClassifier", **region_classifier}
             self.region_classifier = MODELS.build(with_in_channels(cfg, self.backbone, consumer))
+        self.box_refiner = None
+        if box_refiner is not None:
+            self.box_refiner = MODELS.build({"type": "BoxRefiner", **box_refiner})
         self._check_padding()
 
     def _check_padding(self) -> None:
@@ -137,8 +146,13 @@ class ProposerPretrainer(BaseModel):
                 labels = self._labels(data_samples)
                 boxes = [inst.bboxes for inst in instances]
                 losses.update(self.region_classifier.loss(feats, boxes, labels, image=inputs))
+            if self.box_refiner is not None:
+                boxes = [inst.bboxes for inst in instances]
+                losses.update(self.box_refiner.loss(inputs, boxes, valid_sizes))
             return losses
         proposals = self.proposer(feats, instances)
+        if self.box_refiner is not None:
+            proposals = self.box_refiner.refine_proposals(inputs, proposals, valid_sizes)
         if mode == "tensor":
             return proposals
         if mode == "predict":

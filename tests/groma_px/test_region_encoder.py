@@ -255,3 +255,35 @@ def test_stage1_region_classifier_feeds_the_region_tokens(
         assert not torch.allclose(model._region_features(perception)[0], reference)
     model(**model.data_preprocessor(make_batch([0, 1]), True), mode="loss")["loss"].backward()
     assert model.class_embed.weight.grad.abs().sum() > 0
+
+
+def test_stage1_box_refiner_tightens_the_proposals_before_selection(
+    build_model, tiny_cfg, make_batch, single_thread
+):
+    from region_proposer.pretrain import ProposerPretrainer
+
+    refiner_cfg = dict(roi_size=16, num_steps=2)
+    plain = build_model()
+    model = build_model(box_refiner=refiner_cfg)
+    # a stage-1 checkpoint's refiner loads under the same names, and is frozen without asking
+    stage1 = ProposerPretrainer(
+        backbone=tiny_cfg.model.backbone.to_dict(),
+        proposer=tiny_cfg.model.proposer.to_dict(),
+        box_refiner=refiner_cfg,
+    )
+    torch.nn.init.normal_(stage1.box_refiner.net[-1].weight, std=0.05)
+    refiner = {k: v for k, v in stage1.state_dict().items() if k.startswith("box_refiner.")}
+    assert refiner
+    assert not model.load_state_dict(refiner, strict=False).unexpected_keys
+    assert "box_refiner" in model.frozen
+    assert not any(p.requires_grad for p in model.box_refiner.parameters())
+    plain.load_state_dict(model.state_dict(), strict=False)
+    data = model.data_preprocessor(make_batch([0, 1]), False)
+    args = (data["inputs"], data["data_samples"], data["valid_sizes"])
+    with torch.no_grad():
+        _, base = plain._propose(*args)
+        _, refined = model._propose(*args)
+    expected = stage1.box_refiner.refine_proposals(data["inputs"], base, data["valid_sizes"])
+    torch.testing.assert_close(refined.boxes, expected.boxes)
+    assert not torch.allclose(refined.boxes, base.boxes)
+    torch.testing.assert_close(refined.scores, base.scores)

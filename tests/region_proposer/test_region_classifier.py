@@ -256,6 +256,9 @@ def test_stage1_config_trains_the_backbone_through_the_classifier(pixel):
     assert {"loss_region_cls", "region_cls_acc", "loss_focal"} <= set(losses)
     # The pixel expert is off by default and adds its own loss only when configured.
     assert ({"loss_pixel_cls", "pixel_cls_acc"} <= set(losses)) is pixel
+    # The box refiner trains beside them from the pixels alone (no gradient into the backbone).
+    assert {"loss_box_refine", "refine_iou", "refine_iou_in"} <= set(losses)
+    assert losses["loss_box_refine"].grad_fn is not None
     losses["loss_region_cls"].backward()
     grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)

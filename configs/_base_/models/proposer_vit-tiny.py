@@ -15,3 +15,10 @@ backbone = dict(
     ),
 )
 data_preprocessor = dict(type="ProposerDataPreprocessor", pad_size_divisor=16)
+# BoxRefiner (no "type": the stage-1 and chat models build it): a RoI stage that tightens the
+# proposer's boxes from a 32x32 crop of the input pixels (1.5x the box), applied twice to the
+# proposals scoring >= 0.05 (the region-set rule's threshold). Trained in stage 1 on jittered
+# ground-truth boxes, frozen in the chat stages (docs/NOTES.md, "Box refiner").
+box_refiner = dict(
+    roi_size=32, context=1.5, width=16, num_steps=2, train_views=4, jitter=0.12, score_thr=0.05
+)
