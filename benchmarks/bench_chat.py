@@ -8,8 +8,9 @@ Measures, on prompts built from synthetic test images:
    KV cache, grounding-token head) vs the bare Hugging Face LLM's ``generate`` on token ids of
    the same total prompt length and batch. Decode time is ``t(N new tokens) - t(1 new token)``, so
    the prefill is excluded; runs alternate (ours, bare, ours, ...) and the medians are compared.
-2. Prefill breakdown: time in backbone + proposer, selector, region encoder, image tokens and
-   the LLM prefill forward; the share of proposer + selector + region encoder.
+2. Prefill breakdown: time in backbone + proposer, box refiner (when the model has one), selector,
+   region encoder, image tokens and the LLM prefill forward; the share of proposer (with its
+   refiner) + selector + region encoder.
 3. LLM positions per image for the ``pair`` and ``fused`` layouts at K = 100 region tokens.
 4. With a mask head: its time per cited region (pixel embeddings, mask logits and the RLE in
    original pixels, for one citation per sample) against the time of a whole answer per sample
@@ -83,9 +84,17 @@ def prefill(model: torch.nn.Module, batch: dict) -> tuple[dict, dict[str, float]
     data = model.data_preprocessor(batch, False)
     inputs, samples, sizes = data["inputs"], data["data_samples"], data["valid_sizes"]
     parts: dict[str, float] = {}
-    start = time.perf_counter()
-    pyramids, proposals = model._propose(inputs, samples, sizes)
-    parts["backbone+proposer"] = time.perf_counter() - start
+    refiner, model.box_refiner = model.box_refiner, None  # timed on its own below
+    try:
+        start = time.perf_counter()
+        pyramids, proposals = model._propose(inputs, samples, sizes)
+        parts["backbone+proposer"] = time.perf_counter() - start
+    finally:
+        model.box_refiner = refiner
+    if refiner is not None:
+        start = time.perf_counter()
+        proposals = refiner.refine_proposals(inputs, proposals, sizes)
+        parts["box_refiner"] = time.perf_counter() - start
     start = time.perf_counter()
     perception = model.perceive_from(pyramids, proposals, samples, sizes, image=inputs)
     parts["selector"] = time.perf_counter() - start
@@ -212,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     prompt, _ = prefill(model, batch)
     total = sum(parts.values())
-    perception = parts["backbone+proposer"] + parts["selector"] + parts["region_encoder"]
+    perceive = ("backbone+proposer", "box_refiner", "selector", "region_encoder")
+    perception = sum(parts.get(k, 0.0) for k in perceive)
     decode = decode_rates(model, prompt, args.new_tokens, args.repeats)
     masks = mask_costs(model, batch, args.repeats)
     positions = {

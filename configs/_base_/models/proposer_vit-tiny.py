@@ -20,5 +20,5 @@ data_preprocessor = dict(type="ProposerDataPreprocessor", pad_size_divisor=16)
 # proposals scoring >= 0.05 (the region-set rule's threshold). Trained in stage 1 on jittered
 # ground-truth boxes, frozen in the chat stages (docs/NOTES.md, "Box refiner").
 box_refiner = dict(
-    roi_size=32, context=1.5, width=16, num_steps=2, train_views=4, jitter=0.12, score_thr=0.05
+    roi_size=32, context=1.5, width=16, num_steps=2, train_views=4, jitter=0.08, score_thr=0.05
 )
