@@ -110,7 +110,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             pointer directly. None: off. Defaults to None.
         box_refiner: Stage 1's ``BoxRefiner`` (its weights load from the stage-1 checkpoint
             under the same name): tightens the proposer's boxes from the input pixels before
-            region selection. Always frozen here, like the proposer's outputs. None: off.
+            region selection, only those the selector can keep (its ``score_thr`` is raised to
+            the selector's). Always frozen here, like the proposer's outputs. None: off.
             Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.
@@ -174,6 +175,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self.box_refiner = None
         if box_refiner is not None:
             self.box_refiner = MODELS.build({"type": "region_proposer.BoxRefiner", **box_refiner})
+            # refine only what the selector can keep (the scores do not change)
+            self.box_refiner.score_thr = max(self.box_refiner.score_thr, self.selector.score_thr)
         self.frozen = tuple(frozen) + (
             ("box_refiner",) if box_refiner is not None and "box_refiner" not in frozen else ()
         )

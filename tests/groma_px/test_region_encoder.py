@@ -287,3 +287,9 @@ def test_stage1_box_refiner_tightens_the_proposals_before_selection(
     torch.testing.assert_close(refined.boxes, expected.boxes)
     assert not torch.allclose(refined.boxes, base.boxes)
     torch.testing.assert_close(refined.scores, base.scores)
+    # only the proposals the selector can keep are refined: its threshold, when higher, wins
+    strict = build_model(
+        box_refiner=dict(refiner_cfg, score_thr=0.05), selector=dict(score_thr=0.3)
+    )
+    assert strict.box_refiner.score_thr == 0.3
+    assert build_model(box_refiner=dict(refiner_cfg, score_thr=0.05)).box_refiner.score_thr == 0.05
