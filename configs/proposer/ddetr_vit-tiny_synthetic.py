@@ -18,7 +18,7 @@ model = dict(
     # class-agnostic). A from-scratch ViT trained on objectness alone keeps little shape, which
     # the chat stages' region encoder then lacks (docs/NOTES.md, "Region classifier").
     region_classifier=dict(num_classes=7, weight=1.0),
-    # Tightens every proposal from the pixels around it (docs/NOTES.md, "Box refiner").
+    # Tightens the proposals from the pixels around them (docs/NOTES.md, "Box refiner").
     box_refiner={{_base_.box_refiner}},
     data_preprocessor={{_base_.data_preprocessor}},
 )

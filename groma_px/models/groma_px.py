@@ -111,7 +111,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         box_refiner: Stage 1's ``BoxRefiner`` (its weights load from the stage-1 checkpoint
             under the same name): tightens the proposer's boxes from the input pixels before
             region selection, only those the selector can keep (its ``score_thr`` is raised to
-            the selector's). Always frozen here, like the proposer's outputs. None: off.
+            the selector's). Always frozen here, like the proposer's outputs. A stage-1
+            checkpoint without ``box_refiner.*`` keys leaves it at its initialisation, which
+            returns the boxes unchanged (mmengine lists the missing keys). None: off.
             Defaults to None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
         init_cfg: mmengine init config.

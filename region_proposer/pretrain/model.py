@@ -53,8 +53,9 @@ class ProposerPretrainer(BaseModel):
             with_labels=True)``). The proposer stays class-agnostic. Defaults to None.
         box_refiner: Optional ``BoxRefiner`` config: a RoI stage that tightens the proposer's
             boxes from the input pixels around them, trained on jittered ground-truth boxes
-            (its own loss; no gradient into the backbone) and applied to every proposal in
-            ``predict`` and ``tensor`` modes. Defaults to None.
+            (its own loss; no gradient into the backbone) and applied in ``predict`` and
+            ``tensor`` modes to every proposal scoring at least its ``score_thr``. Defaults to
+            None.
         data_preprocessor: ``ProposerDataPreprocessor`` config.
     """
 
