@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, roi_align
 
 from groma_px.registry import MODELS
-from region_proposer.layers.roi_pooling import boxes_to_pixels, pool_levels
+from region_proposer.layers.roi_pooling import boxes_to_pixels, pixel_stem, pool_levels
 from region_proposer.structures import FeaturePyramid
 
 _FUSIONS = ("sum", "concat")
@@ -110,12 +110,7 @@ def _pixel_cnn(size: int, hidden_dim: int, out_dim: int, width: int = 32) -> nn.
     cells = -(-size // 4)  # after two stride-2 convolutions with padding 1
     return nn.Sequential(
         nn.Unflatten(1, (3, size, size)),
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.GELU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-        nn.GELU(),
-        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-        nn.GELU(),
+        *pixel_stem(width, (1, 2, 2)),
         nn.Flatten(1),
         _mlp(2 * width * cells * cells, hidden_dim, out_dim),
     )

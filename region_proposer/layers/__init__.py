@@ -4,7 +4,7 @@ RoIAlign of regions on a pyramid."""
 
 from .ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from .pyramid_input import FlatPyramid, PyramidEmbedding, check_pyramid, padding_masks
-from .roi_pooling import boxes_to_pixels, pool_levels
+from .roi_pooling import boxes_to_pixels, pixel_stem, pool_levels
 from .set_prediction import LayerPrediction, prediction_losses, proposals_from_prediction
 from .transformer import (
     MLP,
@@ -28,6 +28,7 @@ __all__ = [
     "check_pyramid",
     "multi_scale_deformable_attention",
     "padding_masks",
+    "pixel_stem",
     "pool_levels",
     "prediction_losses",
     "proposals_from_prediction",

@@ -1,11 +1,12 @@
 """RoIAlign of regions on a ``FeaturePyramid``: the box frame and the per-level pooling that the
-stage-1 region classifier and groma_px's region encoder share."""
+stage-1 region classifier and groma_px's region encoder share, and the convolutional stem that
+their pixel branches and the box refiner put on RoIAligned image crops."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from ..structures import FeaturePyramid
@@ -70,3 +71,22 @@ def pool_levels(
             )
         )
     return pooled
+
+
+def pixel_stem(width: int, multipliers: Sequence[int]) -> list[nn.Module]:
+    """Layers of a small CNN on (K, 3, S, S) RoI pixels: a 3x3 convolution at full resolution to
+    ``width * multipliers[0]`` channels, then one stride-2 3x3 convolution per further multiplier
+    (``width * m`` channels), each followed by GELU. Returned as a list, so that callers splice it
+    into their own ``nn.Sequential`` (their parameter names stay flat). The spatial side after it
+    is ``ceil(S / 2 ** (len(multipliers) - 1))``."""
+    if width < 1 or not multipliers or min(multipliers) < 1:
+        raise ValueError(
+            f"pixel_stem needs width >= 1 and multipliers >= 1, got {width}, {multipliers}"
+        )
+    layers: list[nn.Module] = []
+    channels = 3
+    for i, mult in enumerate(multipliers):
+        layers += [nn.Conv2d(channels, width * mult, 3, stride=1 if i == 0 else 2, padding=1)]
+        layers += [nn.GELU()]
+        channels = width * mult
+    return layers

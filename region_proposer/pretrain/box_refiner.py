@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, roi_align
 
+from ..box_ops import denormalize_boxes
+from ..layers.roi_pooling import pixel_stem
 from ..registry import MODELS
 from ..structures import Proposals
 
@@ -96,14 +98,7 @@ class BoxRefiner(nn.Module):
         self.score_thr = float(score_thr)
         cells = (roi_size // 8) ** 2
         self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(4 * width, 4 * width, 3, stride=2, padding=1),
-            nn.GELU(),
+            *pixel_stem(width, (1, 2, 4, 4)),  # three stride-2 convolutions: roi_size / 8 cells
             nn.Flatten(1),
             nn.Linear(4 * width * cells, hidden_dim),
             nn.GELU(),
@@ -161,8 +156,8 @@ class BoxRefiner(nn.Module):
     def _step(self, image: Tensor, boxes: Sequence[Tensor], valid_sizes: Tensor) -> list[Tensor]:
         """One pass: (K_b, 4) boxes -> (K_b, 4) refined boxes (not yet made valid)."""
         crops = [self._crops(b.float()) for b in boxes]
-        scale = valid_sizes.to(image.device, torch.float32).flip(-1).repeat(1, 2)  # w, h, w, h
-        rois = [c * scale[i] for i, c in enumerate(crops)]
+        sizes = valid_sizes.to(image.device)
+        rois = [denormalize_boxes(c, sizes[i]) for i, c in enumerate(crops)]
         pixels = roi_align(
             image.float(),
             rois,

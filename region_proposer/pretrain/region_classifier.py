@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from ..layers.roi_pooling import boxes_to_pixels, pool_levels
+from ..layers.roi_pooling import boxes_to_pixels, pixel_stem, pool_levels
 from ..registry import MODELS
 from ..structures import FeaturePyramid
 
@@ -225,12 +225,7 @@ def _pixel_cnn(size: int, width: int, num_classes: int) -> nn.Sequential:
     """(K, 3, size, size) RoI pixels -> (K, num_classes): a 3x3 convolution at full resolution,
     two stride-2 ones, global average pooling and a linear layer."""
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.GELU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-        nn.GELU(),
-        nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
-        nn.GELU(),
+        *pixel_stem(width, (1, 2, 4)),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(1),
         nn.Linear(4 * width, num_classes),

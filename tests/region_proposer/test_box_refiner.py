@@ -9,6 +9,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from torchvision.ops import box_iou
 
+from region_proposer.layers import pixel_stem
 from region_proposer.pretrain import BoxRefiner
 from region_proposer.registry import MODELS
 from region_proposer.structures import Proposals
@@ -155,3 +156,12 @@ def test_refines_only_the_proposals_scoring_above_its_threshold():
     alone = refiner(image, [boxes[0][chosen[0]], boxes[1][chosen[1]]], sizes)
     torch.testing.assert_close(out.boxes[chosen], torch.cat(alone))
     assert out.scores is proposals.scores and out.valid is proposals.valid
+
+
+def test_pixel_stem_widths_and_side():
+    stem = torch.nn.Sequential(*pixel_stem(4, (1, 2, 4)))
+    assert stem(torch.randn(2, 3, 15, 15)).shape == (2, 16, 4, 4)  # ceil(15 / 4)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(4, 1), (8, 2), (16, 2)]
+    with pytest.raises(ValueError, match="multipliers >= 1"):
+        pixel_stem(4, (1, 0))
