@@ -28,6 +28,7 @@ from .heads import GroundingHeadsMixin
 from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
+from .perception_cache import propose_once_per_image
 from .prompting import VisualPromptsMixin
 
 LAYOUTS = ("pair", "fused")
@@ -241,6 +242,11 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         """Backbone, proposer and region selection for a batch."""
         if self._cache is not None and self.training:
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
+        elif self.proposer.trainable and not self.training:
+            # Records of one image share evaluation batches: perceive each image once.
+            pyramids, proposals = propose_once_per_image(
+                inputs, data_samples, valid_sizes, self._propose
+            )
         else:
             pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
         return self.perceive_from(pyramids, proposals, data_samples, valid_sizes, image=inputs)

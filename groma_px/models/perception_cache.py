@@ -5,10 +5,15 @@ change; recomputing them every epoch is about half of a CPU training step. The c
 image, each pyramid level cropped to the image's valid cells (float16) and its proposals, and
 rebuilds padded batches from them. It is keyed by the image file and the transform applied
 (size, flip, affine), so it must only be enabled with frozen perception (``GromaPX`` checks).
+
+:func:`propose_once_per_image` is the stateless counterpart used outside training: records of
+one image (a REC question, a caption, a count...) often share a batch, and their identical input
+images are run through perception once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -144,3 +149,66 @@ def _stack_proposals(items: list[dict[str, Any]], device: torch.device) -> Propo
         scores[i, :n] = item["scores"]
         valid[i, :n] = True
     return Proposals(boxes=boxes, scores=scores, valid=valid)
+
+
+def unique_images(inputs: Tensor, valid_sizes: Tensor) -> tuple[list[int], Tensor]:
+    """Batch rows holding distinct images, and which of them each row equals.
+
+    Rows are compared by content (equal valid size and bit-equal padded input), not by file
+    name, so augmented or in-memory images are never confused.
+
+    Args:
+        inputs: (B, C, H, W) padded, normalised input batch.
+        valid_sizes: (B, 2) unpadded (h, w) per image.
+
+    Returns:
+        ``(first, inverse)``: the first row of each distinct image, in batch order, and (B,)
+        long, the position in ``first`` of each row's image.
+    """
+    flat = inputs.reshape(len(inputs), -1)
+    # A cheap fingerprint narrows the exact comparisons to likely duplicates.
+    prints = torch.cat([flat[:, ::97].double().sum(1, keepdim=True), valid_sizes.double()], 1)
+    first: list[int] = []
+    inverse = []
+    for i in range(len(inputs)):
+        for u, j in enumerate(first):
+            if torch.equal(prints[i], prints[j]) and torch.equal(flat[i], flat[j]):
+                inverse.append(u)
+                break
+        else:
+            inverse.append(len(first))
+            first.append(i)
+    return first, torch.tensor(inverse, dtype=torch.long, device=inputs.device)
+
+
+def propose_once_per_image(
+    inputs: Tensor,
+    data_samples: list[BaseDataElement],
+    valid_sizes: Tensor,
+    compute: Callable[[Tensor, list[BaseDataElement], Tensor], Computed],
+) -> Computed:
+    """``compute`` (backbone pyramids and proposals) run once per distinct image of the batch,
+    its outputs repeated for the rows that share an image.
+
+    Only for computations that depend on the image alone (a learned proposer, not an oracle or
+    cached one that reads each sample's annotations). The distinct rows keep the batch's padded
+    size, so the result equals running ``compute`` on the whole batch.
+    """
+    first, inverse = unique_images(inputs, valid_sizes)
+    if len(first) == len(inputs):
+        return compute(inputs, data_samples, valid_sizes)
+    rows = torch.tensor(first, dtype=torch.long, device=inputs.device)
+    pyramids, proposals = compute(inputs[rows], [data_samples[i] for i in first], valid_sizes[rows])
+    pyramids = {
+        name: dataclasses.replace(
+            pyramid, maps=tuple(m[inverse] for m in pyramid.maps), valid_sizes=valid_sizes
+        )
+        for name, pyramid in pyramids.items()
+    }
+    proposals = Proposals(
+        boxes=proposals.boxes[inverse],
+        scores=proposals.scores[inverse],
+        valid=proposals.valid[inverse],
+        embeddings=None if proposals.embeddings is None else proposals.embeddings[inverse],
+    )
+    return pyramids, proposals

@@ -13,6 +13,7 @@ from mmengine.runner import Runner
 
 from groma_px.engine.stages import export_runner_model
 from groma_px.inference import GroundedChat
+from groma_px.models.perception_cache import propose_once_per_image, unique_images
 from groma_px.structures import GroundedResponse, RegionSource
 
 # Train records 0 and 10 share image 0 (a REC target and a region caption with a user region);
@@ -291,6 +292,51 @@ def test_perception_cache_hits_and_matches_uncached(build_model, make_batch):
     # Evaluation bypasses the cache.
     _tensor(model.eval(), batch(), training=False)
     assert (cache.misses, cache.hits) == (3, 6)
+
+
+def _other_image(make_batch, split, image_of):
+    """Index of the first ``split`` record whose image is not ``image_of``'s."""
+    path = make_batch([image_of], split=split)["data_samples"][0].metainfo["img_path"]
+    for i in range(1, 50):
+        if make_batch([i], split=split)["data_samples"][0].metainfo["img_path"] != path:
+            return i
+    raise AssertionError("no second test image")
+
+
+@torch.no_grad()
+def test_evaluation_perceives_each_image_once(build_model, make_batch):
+    model = build_model().eval()
+    seen = []
+    model.backbone.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    indices = (*TEST_BATCH, _other_image(make_batch, "test", TEST_BATCH[0]))
+    data = model.data_preprocessor(make_batch(indices, split="test"), False)
+    inputs, samples = data["inputs"], data["data_samples"]
+    sizes = torch.stack([torch.as_tensor(s.metainfo["img_shape"][:2]) for s in samples])
+    first, inverse = unique_images(inputs, sizes)
+    assert first == [0, 2] and inverse.tolist() == [0, 0, 1]
+    assert model.perceive(inputs, samples, sizes).proposals.boxes.shape[0] == 3
+    assert seen == [2]  # records 0 and 1 share an image: it runs once
+    pyramids, proposals = model._propose(inputs, samples, sizes)
+    assert seen == [2, 3]
+    shared = propose_once_per_image(inputs, samples, sizes, model._propose)
+    for name, pyramid in pyramids.items():
+        for got, want in zip(shared[0][name].maps, pyramid.maps, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert torch.equal(shared[0][name].valid_sizes, sizes)
+    for field in ("boxes", "scores", "valid"):
+        torch.testing.assert_close(getattr(shared[1], field), getattr(proposals, field))
+    # Images are compared by content: the same file with other pixels is another image.
+    altered = inputs.clone()
+    altered[1, :, 0, 0] += 1.0
+    assert unique_images(altered, sizes)[0] == [0, 1, 2]
+    smaller = sizes.clone()
+    smaller[1] -= 1  # same pixels, another valid size
+    assert unique_images(inputs, smaller)[0] == [0, 1, 2]
+    # Training (no cache) perceives every row.
+    seen.clear()
+    model.train()
+    model.perceive(inputs, samples, sizes)
+    assert seen == [3]
 
 
 def test_perception_cache_rejects_another_padded_size(build_model, make_batch):
