@@ -29,9 +29,8 @@ model = dict(
     # The pointer's query also reads the mean embedding of the phrase being cited (MDETR-style
     # phrase-region alignment): region accuracy rose from ~0.2 to ~0.6-0.8 in training.
     # relation=dict(): PhraseRelationHead, a CMN-style second hop for relational phrases ("the
-    # triangle left of the star"). Off: at this budget REC 0.787 vs 0.778 without it (relational
-    # 0.27 vs 0.24, 67 questions; one run each, same stage 1) for +2.5 min (docs/NOTES.md).
-    region_pointer=dict(phrase_query=True, relation=None),
+    # triangle left of the star"), trained by the relational region-text queries below.
+    region_pointer=dict(phrase_query=True, relation=dict()),
     # The answer may copy the question's words (pointer-generator): without it the from-scratch
     # LLM rewrote "the hexagon" as "the circle" and the phrase query then sought a circle.
     copy_head=dict(),
@@ -40,7 +39,10 @@ model = dict(
     # questions alone give one label per sample, and shape was what the regions lacked.
     # negatives="batch": each query competes over every kept region of the batch, not only its
     # image's (docs/NOTES.md, "Batch-wide region-text negatives").
-    region_text_loss=dict(negatives="batch"),
+    # relational_prob: a quarter of those queries relate their region to another ("the star to
+    # the left of the red circle"): relational questions alone were too few to train the
+    # relation head (docs/NOTES.md, "Relational region-text queries").
+    region_text_loss=dict(negatives="batch", relational_prob=0.25),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
     describe_head=dict(),

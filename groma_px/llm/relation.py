@@ -138,33 +138,57 @@ class PhraseRelationHead(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
 
     def pools(
-        self, token_ids: Tensor, embeds: Tensor, *, phrase_start: int, phrase_end: int
+        self,
+        token_ids: Tensor,
+        embeds: Tensor,
+        *,
+        phrase_start: int,
+        phrase_end: int,
+        last: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, D) subject, relation and anchor pools of each position's current phrase (its
-        words up to the position; zero where there is none)."""
+        """(B, T, D) subject, relation and anchor pools of each position's current phrase (its
+        words up to the position; zero where there is none), for the last ``last`` positions
+        (T of them; all L by default).
+
+        Each position gathers its own phrase's words (at most W), so the cost grows with L * W,
+        not L * L: a decoding step (``last=1``) reads a handful of words, not the prompt.
+        """
         start, inside, offset = phrase_layout(
             token_ids, phrase_start=phrase_start, phrase_end=phrase_end
         )
         length = token_ids.shape[1]
-        index = torch.arange(length, device=token_ids.device)
-        causal = index[None, :] <= index[:, None]  # (t, s): s <= t
-        # (B, t, s): s is a word of t's current phrase, at or before t.
-        same = (start[:, :, None] == start[:, None, :]) & inside[:, None, :] & causal
+        rows = length if last is None else min(last, length)
+        s_index = torch.arange(length, device=token_ids.device)
+        t_index = s_index[length - rows :]
+        # (B, T, L): s is a word of t's current phrase, at or before t.
+        same = (start[:, -rows:, None] == start[:, None, :]) & inside[:, None, :]
+        same = same & (s_index[None, None, :] <= t_index[None, :, None])
+        width = max(1, int(same.sum(-1).max()))
+        # Those words' positions in order, padded with L (absent).
+        order = torch.where(same, s_index, length).sort(dim=-1).values[..., :width]
+        present = order < length  # (B, T, W)
+        index = order.clamp(max=length - 1)
         embeds = embeds.to(self.qkv.weight.dtype)
         x = self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        eye = torch.eye(length, dtype=torch.bool, device=token_ids.device)
-        attend = same | eye  # every row attends to itself, so none is empty
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None])
-        context = self.norm(x + self.proj(context.transpose(1, 2).flatten(2)))
-        logits = self.pool(context)  # (B, L, 3): the word's weight in each pool
-        weights = logits.permute(0, 2, 1)[:, :, None, :].expand(-1, -1, length, -1)
-        weights = weights.masked_fill(~same[:, None], float("-inf"))
-        has_words = same.any(-1)  # (B, t)
-        weights = torch.softmax(weights, dim=-1).nan_to_num(0.0)  # rows without words -> 0
-        pooled = torch.einsum("bpts,bsd->bptd", weights, embeds)
-        pooled = pooled * has_words[:, None, :, None]
-        return pooled[:, 0], pooled[:, 1], pooled[:, 2]
+
+        def gather(t: Tensor) -> Tensor:  # (B, L, D) -> (B, T, W, D)
+            flat = index.flatten(1)[..., None].expand(-1, -1, t.shape[-1])
+            return t.gather(1, flat).unflatten(1, index.shape[1:])
+
+        words, word_embeds = gather(x), gather(embeds)
+        # Each word attends to its phrase's words up to itself (and padding only to itself).
+        w = torch.arange(width, device=token_ids.device)
+        attend = (w[None, :] <= w[:, None]) & present[..., None, :]
+        attend = attend | torch.eye(width, dtype=torch.bool, device=token_ids.device)
+        qkv = self.qkv(words).unflatten(-1, (3, self.num_heads, -1))  # (B, T, W, 3, H, d)
+        q, k, v = qkv.flatten(0, 1).permute(2, 0, 3, 1, 4)  # each (B*T, H, W, d)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.flatten(0, 1)[:, None])
+        context = context.transpose(1, 2).flatten(2).unflatten(0, words.shape[:2])
+        context = self.norm(words + self.proj(context))
+        logits = self.pool(context).masked_fill(~present[..., None], float("-inf"))
+        weights = torch.softmax(logits, dim=2).nan_to_num(0.0)  # (B, T, W, 3); no words -> 0
+        pooled = torch.einsum("btwp,btwd->pbtd", weights, word_embeds)
+        return pooled[0], pooled[1], pooled[2]
 
     def forward(
         self,
@@ -196,10 +220,8 @@ class PhraseRelationHead(nn.Module):
             (B, L or last, K) float scores (zero on invalid regions).
         """
         subject, relation, anchor = self.pools(
-            token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end
+            token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end, last=last
         )
-        if last is not None:
-            subject, relation, anchor = subject[:, -last:], relation[:, -last:], anchor[:, -last:]
         query_subject = phrase_query(subject.to(keys.dtype))
         query_anchor = phrase_query(anchor.to(keys.dtype))
         subject_scores = torch.einsum("bld,bkd->blk", query_subject, keys) * self.scale

@@ -7,16 +7,36 @@ like the short descriptions people use), scored by the pointer's phrase query ag
 kept region's feature key, with the kept regions the words describe as positives (multi-positive
 InfoNCE, as GLIP / MDETR align phrases with boxes). It trains exactly the term of the pointer
 that matches a phrase to a region feature, with several labels per image instead of one.
+
+With ``relational_prob`` some queries relate two labelled regions of the image ("the star to the
+left of the red circle", the spatial rules of :mod:`groma_px.data.synthetic.expressions`): the
+positives are the kept regions whose record region stands in that relation to a region the
+anchor words name, and the pointer's relation head scores them, so the relational term learns
+from every image instead of from the few relational questions a dataset asks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
+
+from ..data.synthetic.expressions import RELATION_PHRASES, RELATIONS, relation_holds
+
+Labels = Sequence[Sequence[str | None]]
+
+
+class Query(NamedTuple):
+    """One region-text query: its words, the label fields it names (``{field index: value}``)
+    and, for a relational query, ``(relation, anchor's named fields)``."""
+
+    text: str
+    named: dict[int, str]
+    relation: tuple[str, dict[int, str]] | None = None
 
 
 def match_regions(gt_boxes: Tensor, kept_boxes: Tensor, iou_thr: float) -> Tensor:
@@ -49,7 +69,12 @@ class RegionTextAlignment:
             pointer chooses at inference); ``"batch"``: over every kept region of the batch, the
             positives being all those, in any image, whose record region has the named values
             (so "the circle" must beat every hexagon of the batch, not only its image's).
-            Defaults to "image".
+            Relational queries always compete over their own image's regions (the relation is
+            to an anchor there). Defaults to "image".
+        relational_prob: Chance that a region's query relates it to another covered region
+            of its image ("the <words> to the left of the <anchor words>"; the relation is
+            drawn among those that hold, the anchor's words until they name it alone); needs
+            the record boxes and a pointer with a relation head. Defaults to 0.0 (none).
     """
 
     weight: float = 1.0
@@ -58,6 +83,7 @@ class RegionTextAlignment:
     prefix: str = "the"
     iou_thr: float = 0.5
     negatives: str = "image"
+    relational_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
@@ -66,6 +92,10 @@ class RegionTextAlignment:
             raise ValueError(f"region_text_loss.drop_prob must be in [0, 1), got {self.drop_prob}")
         if not 0.0 < self.iou_thr <= 1.0:
             raise ValueError(f"region_text_loss.iou_thr must be in (0, 1], got {self.iou_thr}")
+        if not 0.0 <= self.relational_prob <= 1.0:
+            raise ValueError(
+                f"region_text_loss.relational_prob must be in [0, 1], got {self.relational_prob}"
+            )
         if self.negatives not in ("image", "batch"):
             raise ValueError(
                 f"region_text_loss.negatives must be 'image' or 'batch', got {self.negatives!r}"
@@ -73,9 +103,10 @@ class RegionTextAlignment:
 
     def queries(
         self,
-        labels: Sequence[Sequence[str | None]],
+        labels: Labels,
         match: Tensor,
         generator: torch.Generator | None = None,
+        boxes: Tensor | None = None,
     ) -> list[tuple[str, list[int]]]:
         """One query per record region that some kept region covers.
 
@@ -84,91 +115,182 @@ class RegionTextAlignment:
             match: (K,) record region each kept region covers, -1 for none
                 (:func:`match_regions`).
             generator: Random stream for the field subsets. Defaults to torch's global one.
+            boxes: (M, 4) xyxy record boxes (any frame that keeps left/right and up/down),
+                needed for relational queries.
 
         Returns:
             ``(text, positive kept rows)`` per query: the rows whose record region has every
-            field the query names with the same value (the region itself and any look-alike).
+            field the query names with the same value (the region itself and any look-alike)
+            and, for a relational query, stands in the relation to a region the anchor names.
         """
         return [
-            (text, positive_rows(labels, match, named))
-            for text, named in self.draw(labels, match, generator)
+            (query.text, positive_rows(labels, match, query.named, query.relation, boxes))
+            for query in self.draw(labels, match, generator, boxes)
         ]
 
     def draw(
         self,
-        labels: Sequence[Sequence[str | None]],
+        labels: Labels,
         match: Tensor,
         generator: torch.Generator | None = None,
-    ) -> list[tuple[str, dict[int, str]]]:
-        """``(text, {field index: value})`` of one query per covered record region (the fields
-        it names), as :meth:`queries` draws them."""
+        boxes: Tensor | None = None,
+    ) -> list[Query]:
+        """One :class:`Query` per covered record region, as :meth:`queries` draws them."""
         covered = sorted({int(m) for m in match.tolist() if m >= 0})
-        out = []
         for m in covered:
             if not 0 <= m < len(labels):
                 raise ValueError(f"kept region matches record region {m}; got {len(labels)} labels")
-            named = [f for f, value in enumerate(labels[m]) if value is not None]
+        if self.relational_prob > 0 and boxes is None:
+            raise ValueError("region_text_loss.relational_prob > 0 needs the record boxes")
+        out = []
+        for m in covered:
+            named = self._fields(labels[m], generator)
             if not named:
                 continue
-            keep = torch.rand(len(named), generator=generator) >= self.drop_prob
-            if not keep.any():
-                keep[torch.randint(len(named), (1,), generator=generator)] = True
-            fields = [f for f, k in zip(named, keep.tolist(), strict=True) if k]
-            noun_field = len(labels[m]) - 1
-            words = [labels[m][f] for f in fields if f != noun_field]
-            noun = labels[m][noun_field] if noun_field in fields else self.noun
-            text = " ".join([*([self.prefix] if self.prefix else []), *words, noun])
-            out.append((text, {f: labels[m][f] for f in fields}))
+            text = self._words(labels[m], named)
+            relation = None
+            if self.relational_prob > 0 and self._coin(generator) < self.relational_prob:
+                relation = self._relation(labels, boxes, m, covered, generator)
+            if relation is not None:
+                anchor = next(a for a in covered if _accepts(labels[a], relation[1]) and a != m)
+                phrase = RELATION_PHRASES[relation[0]]
+                text = f"{text} {phrase} {self._words(labels[anchor], relation[1])}"
+            out.append(Query(text, named, relation))
         return out
+
+    @staticmethod
+    def _coin(generator: torch.Generator | None) -> float:
+        return float(torch.rand((), generator=generator))
+
+    def _fields(
+        self, label: Sequence[str | None], generator: torch.Generator | None
+    ) -> dict[int, str]:
+        """A random non-empty subset of the region's named fields (each dropped at
+        ``drop_prob``)."""
+        named = [f for f, value in enumerate(label) if value is not None]
+        if not named:
+            return {}
+        keep = torch.rand(len(named), generator=generator) >= self.drop_prob
+        if not keep.any():
+            keep[torch.randint(len(named), (1,), generator=generator)] = True
+        return {f: label[f] for f, k in zip(named, keep.tolist(), strict=True) if k}
+
+    def _words(self, label: Sequence[str | None], named: dict[int, str]) -> str:
+        """"the small red star", "the red object": the named fields, the noun last."""
+        noun_field = len(label) - 1
+        words = [value for f, value in named.items() if f != noun_field]
+        noun = named.get(noun_field, self.noun)
+        return " ".join([*([self.prefix] if self.prefix else []), *words, noun])
+
+    def _relation(
+        self,
+        labels: Labels,
+        boxes: Tensor,
+        target: int,
+        covered: list[int],
+        generator: torch.Generator | None,
+    ) -> tuple[str, dict[int, str]] | None:
+        """A relation that holds from ``target`` to another covered region, and words that
+        name that anchor alone among the record regions (a random subset, else all its
+        fields); None when there is none."""
+        rows = boxes.tolist()
+        pairs = [
+            (relation, a)
+            for a in covered
+            if a != target
+            for relation in RELATIONS
+            if relation_holds(relation, rows[target], rows[a])
+        ]
+        if not pairs:
+            return None
+        relation, anchor = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+        full = {f: v for f, v in enumerate(labels[anchor]) if v is not None}
+        for named in (self._fields(labels[anchor], generator), full):
+            if named and sum(_accepts(label, named) for label in labels) == 1:
+                return relation, named
+        return None
+
+
+def _accepts(label: Sequence[str | None], named: dict[int, str]) -> bool:
+    return all(label[f] == value for f, value in named.items())
 
 
 def positive_rows(
-    labels: Sequence[Sequence[str | None]], match: Tensor, named: dict[int, str]
+    labels: Labels,
+    match: Tensor,
+    named: dict[int, str],
+    relation: tuple[str, dict[int, str]] | None = None,
+    boxes: Tensor | None = None,
 ) -> list[int]:
-    """Kept rows whose record region (``match``) has every ``named`` field's value."""
-    return [
-        k
-        for k, r in enumerate(match.tolist())
-        if r >= 0 and all(labels[r][f] == value for f, value in named.items())
-    ]
+    """Kept rows whose record region (``match``) has every ``named`` field's value and, with a
+    ``relation`` (and the record ``boxes``), stands in it to another record region the anchor's
+    fields name."""
+    accepted = [_accepts(label, named) for label in labels]
+    if relation is not None:
+        if boxes is None:
+            raise ValueError("a relational query needs the record boxes")
+        kind, anchor_named = relation
+        rows = boxes.tolist()
+        anchors = [a for a, label in enumerate(labels) if _accepts(label, anchor_named)]
+        accepted = [
+            ok and any(a != r and relation_holds(kind, rows[r], rows[a]) for a in anchors)
+            for r, ok in enumerate(accepted)
+        ]
+    return [k for k, r in enumerate(match.tolist()) if r >= 0 and accepted[r]]
+
+
+class BatchQueries(NamedTuple):
+    """The region-text queries of a batch (:func:`batch_queries`)."""
+
+    texts: list[str]
+    image_index: list[int]
+    positives: list[list[int]]
+    relational: list[bool]
 
 
 def batch_queries(
     align: RegionTextAlignment,
-    matched: Sequence[tuple[Sequence[Sequence[str | None]], Tensor]],
+    matched: Sequence[tuple[Labels, Tensor] | tuple[Labels, Tensor, Tensor]],
     generator: torch.Generator | None = None,
-) -> tuple[list[str], list[int], list[list[int]]]:
+) -> BatchQueries:
     """The region-text queries of a batch.
 
     Args:
         align: How queries are drawn and what they compete over (``negatives``).
-        matched: Per image, ``(labels, match)`` as :meth:`RegionTextAlignment.queries` takes them.
+        matched: Per image, ``(labels, match)`` or ``(labels, match, record boxes)`` as
+            :meth:`RegionTextAlignment.queries` takes them (boxes for relational queries).
         generator: Random stream for the field subsets. Defaults to torch's global one.
 
     Returns:
-        ``texts``, the image each query comes from, and each query's positive rows: rows of its
-        own image (``negatives="image"``), or rows of the kept regions of all images in batch
-        order, those of every image whose record region has the named values (``"batch"``).
+        ``texts``, the image each query comes from, each query's positive rows and whether it is
+        relational. Rows are of its own image (``negatives="image"``), or of the kept regions
+        of all images in batch order (``"batch"``): those of every image whose record region
+        has the named values, or for a relational query those of its own image.
     """
     starts = [0]
-    for _, match in matched:
-        starts.append(starts[-1] + len(match))
-    texts, image_index, positives = [], [], []
-    for b, (labels, match) in enumerate(matched):
-        for text, named in align.draw(labels, match, generator):
-            texts.append(text)
-            image_index.append(b)
+    for item in matched:
+        starts.append(starts[-1] + len(item[1]))
+    out = BatchQueries([], [], [], [])
+    for b, (labels, match, *rest) in enumerate(matched):
+        boxes = rest[0] if rest else None
+        for query in align.draw(labels, match, generator, boxes):
+            out.texts.append(query.text)
+            out.image_index.append(b)
+            out.relational.append(query.relation is not None)
+            own = positive_rows(labels, match, query.named, query.relation, boxes)
             if align.negatives == "image":
-                positives.append(positive_rows(labels, match, named))
+                out.positives.append(own)
+            elif query.relation is not None:
+                out.positives.append([starts[b] + k for k in own])
             else:
-                positives.append(
+                out.positives.append(
                     [
                         starts[c] + k
-                        for c, (other, other_match) in enumerate(matched)
-                        for k in positive_rows(other, other_match, named)
+                        for c, (other, other_match, *_) in enumerate(matched)
+                        for k in positive_rows(other, other_match, query.named)
                     ]
                 )
-    return texts, image_index, positives
+    return out
 
 
 def multi_positive_nce(

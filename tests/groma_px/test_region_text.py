@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from groma_px.data.chat_transforms import region_labels
+from region_proposer.proposers import GroundTruthProposer
 from groma_px.models.region_text import (
     RegionTextAlignment,
     batch_queries,
     match_regions,
     multi_positive_nce,
+    positive_rows,
 )
 
 LABELS = [
@@ -140,7 +142,8 @@ def test_batch_negatives_take_positives_from_every_image():
     batch = RegionTextAlignment(drop_prob=0.0, negatives="batch")
     other = [("small", "red", "star"), ("large", "blue", "hexagon")]
     matched = [(LABELS[:3], torch.tensor([2, 0, -1])), (other, torch.tensor([-1, 1, 0]))]
-    texts, image_index, positives = batch_queries(align, matched)
+    texts, image_index, positives, relational = batch_queries(align, matched)
+    assert relational == [False] * 4
     assert texts == [
         "the small red star",
         "the small blue circle",
@@ -149,7 +152,7 @@ def test_batch_negatives_take_positives_from_every_image():
     ]
     assert image_index == [0, 0, 1, 1]
     assert positives == [[1], [0], [2], [1]]  # rows of the own image
-    texts_b, image_index_b, positives_b = batch_queries(batch, matched)
+    texts_b, image_index_b, positives_b, _ = batch_queries(batch, matched)
     assert (texts_b, image_index_b) == (texts, image_index)
     # rows of the batch (image 1 starts at row 3): both small red stars are positives of each
     assert positives_b == [[1, 5], [0], [1, 5], [4]]
@@ -174,3 +177,109 @@ def test_model_loss_with_batch_negatives_scores_the_whole_batch_and_trains_the_e
     wide.backward()
     grads = [p.grad for p in model.region_encoder.head.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------ relational queries
+# Record boxes (xyxy) of LABELS: the two red stars left and right of the blue circle, the red
+# object below the circle.
+BOXES = torch.tensor(
+    [[0.0, 0.4, 0.2, 0.6], [0.8, 0.4, 1.0, 0.6], [0.4, 0.4, 0.6, 0.6], [0.45, 0.8, 0.55, 0.9]]
+)
+
+
+def test_relational_queries_name_an_anchor_and_keep_the_regions_in_that_relation():
+    align = RegionTextAlignment(drop_prob=0.0, relational_prob=1.0)
+    match = torch.tensor([0, 1, 2, 3])  # kept row k covers record region k
+    seen = {}
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        for text, rows in align.queries(LABELS, match, generator, boxes=BOXES):
+            seen[text] = rows
+    # Every query relates its region to another, whose words name it alone.
+    assert seen["the small red star to the left of the small blue circle"] == [0]
+    assert seen["the large red star to the right of the small blue circle"] == [1]
+    assert seen["the small red object below the small blue circle"] == [3]
+    # Both small red regions stand left of the large star.
+    assert seen["the small red object to the left of the large red star"] == [0, 3]
+    assert not any(t.startswith("the small red star to the right") for t in seen)
+    # "the small red object" names two regions, so it is never an anchor; a query whose drawn
+    # anchor cannot be named alone stays plain.
+    assert not any(t.endswith("of the small red object") for t in seen)
+    assert seen["the small red star"] == [0]
+
+
+def test_relational_positives_follow_the_relation_not_only_the_words():
+    match = torch.tensor([0, 1, 2, 3])
+    red_star = {1: "red", 2: "star"}
+    circle = {2: "circle"}
+    # The words alone name both stars; the relation keeps one.
+    assert positive_rows(LABELS, match, red_star) == [0, 1]
+    assert positive_rows(LABELS, match, red_star, ("left", circle), BOXES) == [0]
+    assert positive_rows(LABELS, match, red_star, ("right", circle), BOXES) == [1]
+    assert positive_rows(LABELS, match, red_star, ("above", circle), BOXES) == []
+    # A region is never its own anchor: the star left of "a red star" is the left one only.
+    assert positive_rows(LABELS, match, red_star, ("left", red_star), BOXES) == [0]
+    with pytest.raises(ValueError, match="record boxes"):
+        positive_rows(LABELS, match, red_star, ("left", circle))
+
+
+def test_relational_queries_fall_back_to_plain_ones_and_need_boxes():
+    align = RegionTextAlignment(drop_prob=0.0, relational_prob=1.0)
+    # Two identical stars and nothing else: no anchor can be named alone.
+    twins = [("small", "red", "star"), ("small", "red", "star")]
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.6, 0.0, 0.8, 0.2]])
+    queries = align.queries(twins, torch.tensor([0, 1]), boxes=boxes)
+    assert queries == [("the small red star", [0, 1])] * 2
+    with pytest.raises(ValueError, match="record boxes"):
+        align.queries(LABELS, torch.tensor([0]))
+    with pytest.raises(ValueError, match="relational_prob"):
+        RegionTextAlignment(relational_prob=1.5)
+    # Relational queries compete over their own image even with batch negatives.
+    wide = RegionTextAlignment(drop_prob=0.0, relational_prob=1.0, negatives="batch")
+    matched = [(twins, torch.tensor([0, 1]), boxes), (LABELS, torch.tensor([0, 1, 2, 3]), BOXES)]
+    generator = torch.Generator().manual_seed(0)
+    texts, image_index, positives, relational = batch_queries(wide, matched, generator)
+    assert relational[:2] == [False, False] and any(relational[2:])
+    for text, rows, related in zip(texts, positives, relational, strict=True):
+        if related:  # own image: rows 2..5
+            assert " of the " in text or " above " in text or " below " in text
+            assert rows and all(2 <= r <= 5 for r in rows)
+        elif text == "the small red star":  # plain: the small red stars of the batch
+            assert rows == [0, 1, 2]
+
+
+def _recording(draw, into):
+    def wrapped(*args, **kwargs):
+        out = draw(*args, **kwargs)
+        into.extend(out)
+        return out
+
+    return wrapped
+
+
+def test_model_loss_trains_the_relation_head_on_relational_queries(
+    build_model, make_batch, single_thread, monkeypatch
+):
+    torch.manual_seed(0)
+    model = build_model(
+        region_pointer=dict(phrase_query=True, relation=dict()),
+        region_text_loss=dict(relational_prob=1.0, negatives="batch"),
+    )
+    model.proposer = GroundTruthProposer()  # every object kept, so each has anchors to relate to
+    crowded = [i for i in range(60) if len(make_batch([i])["data_samples"][0].gt_boxes) >= 3]
+    batch = model.data_preprocessor(make_batch(crowded[:4]), True)
+    queries = []
+    monkeypatch.setattr(RegionTextAlignment, "draw", _recording(RegionTextAlignment.draw, queries))
+    losses = model(**batch, mode="loss")
+    assert any(query.relation is not None for query in queries)
+    assert torch.isfinite(losses["loss_region_text"])
+    assert 0.0 <= losses["region_text_rel_acc"].item() <= 1.0
+    losses["loss_region_text"].backward()
+    relation = model.region_pointer.relation
+    for param in (relation.gate.bias, relation.geometry[0].weight, relation.qkv.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    # Without a relation head the relational queries cannot be scored.
+    plain = build_model(region_text_loss=dict(relational_prob=1.0))
+    plain.proposer = GroundTruthProposer()
+    with pytest.raises(ValueError, match="relation head"):
+        plain(**plain.data_preprocessor(make_batch(crowded[:4]), True), mode="loss")
