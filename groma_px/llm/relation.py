@@ -150,8 +150,11 @@ class PhraseRelationHead(nn.Module):
         words up to the position; zero where there is none), for the last ``last`` positions
         (T of them; all L by default).
 
-        Each position gathers its own phrase's words (at most W), so the cost grows with L * W,
-        not L * L: a decoding step (``last=1``) reads a handful of words, not the prompt.
+        Each position pools its own phrase's words (at most W). A word's weight comes from its
+        context, which depends only on its phrase's words up to it: for every position at once
+        the contexts are computed once per word (one masked attention over L); for a decoding
+        step (``last=1``) only the current phrase's few words are gathered and attended, so
+        the step does not pay for the whole prompt.
         """
         start, inside, offset = phrase_layout(
             token_ids, phrase_start=phrase_start, phrase_end=phrase_end
@@ -168,27 +171,36 @@ class PhraseRelationHead(nn.Module):
         order = torch.where(same, s_index, length).sort(dim=-1).values[..., :width]
         present = order < length  # (B, T, W)
         index = order.clamp(max=length - 1)
-        embeds = embeds.to(self.qkv.weight.dtype)
-        x = self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
 
-        def gather(t: Tensor) -> Tensor:  # (B, L, D) -> (B, T, W, D)
+        def gather(t: Tensor) -> Tensor:  # (B, L, C) -> (B, T, W, C)
             flat = index.flatten(1)[..., None].expand(-1, -1, t.shape[-1])
             return t.gather(1, flat).unflatten(1, index.shape[1:])
 
-        words, word_embeds = gather(x), gather(embeds)
-        # Each word attends to its phrase's words up to itself (and padding only to itself).
-        w = torch.arange(width, device=token_ids.device)
-        attend = (w[None, :] <= w[:, None]) & present[..., None, :]
-        attend = attend | torch.eye(width, dtype=torch.bool, device=token_ids.device)
-        qkv = self.qkv(words).unflatten(-1, (3, self.num_heads, -1))  # (B, T, W, 3, H, d)
-        q, k, v = qkv.flatten(0, 1).permute(2, 0, 3, 1, 4)  # each (B*T, H, W, d)
+        embeds = embeds.to(self.qkv.weight.dtype)
+        x = self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
+        if rows * width < length:  # a few positions: attend among their phrases' words only
+            w = torch.arange(width, device=token_ids.device)
+            attend = (w[None, :] <= w[:, None]) & present[..., None, :]
+            logits = self._word_logits(gather(x), attend)
+        else:  # every position: each word's context once, over its phrase up to it
+            words = (start[:, :, None] == start[:, None, :]) & inside[:, None, :]
+            attend = words & (s_index[None, :] <= s_index[:, None])
+            logits = gather(self._word_logits(x[:, None], attend[:, None])[:, 0])
+        logits = logits.masked_fill(~present[..., None], float("-inf"))  # (B, T, W, 3)
+        weights = torch.softmax(logits, dim=2).nan_to_num(0.0)  # no words -> 0
+        pooled = torch.einsum("btwp,btwd->pbtd", weights, gather(embeds))
+        return pooled[0], pooled[1], pooled[2]
+
+    def _word_logits(self, words: Tensor, attend: Tensor) -> Tensor:
+        """(B, T, N, 3) pool logits of N words each, from a causal self-attention within
+        their phrase (``attend`` (B, T, N, N); every word also attends to itself)."""
+        num = words.shape[2]
+        attend = attend | torch.eye(num, dtype=torch.bool, device=words.device)
+        qkv = self.qkv(words).unflatten(-1, (3, self.num_heads, -1))  # (B, T, N, 3, H, d)
+        q, k, v = qkv.flatten(0, 1).permute(2, 0, 3, 1, 4)  # each (B*T, H, N, d)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.flatten(0, 1)[:, None])
         context = context.transpose(1, 2).flatten(2).unflatten(0, words.shape[:2])
-        context = self.norm(words + self.proj(context))
-        logits = self.pool(context).masked_fill(~present[..., None], float("-inf"))
-        weights = torch.softmax(logits, dim=2).nan_to_num(0.0)  # (B, T, W, 3); no words -> 0
-        pooled = torch.einsum("btwp,btwd->pbtd", weights, word_embeds)
-        return pooled[0], pooled[1], pooled[2]
+        return self.pool(self.norm(words + self.proj(context)))
 
     def forward(
         self,
