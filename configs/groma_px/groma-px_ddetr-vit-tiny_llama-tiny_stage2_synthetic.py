@@ -39,10 +39,10 @@ model = dict(
     # questions alone give one label per sample, and shape was what the regions lacked.
     # negatives="batch": each query competes over every kept region of the batch, not only its
     # image's (docs/NOTES.md, "Batch-wide region-text negatives").
-    # relational_prob: a quarter of those queries relate their region to another ("the star to
+    # relational_prob: half the regions also get a query relating them to another ("the star to
     # the left of the red circle"): relational questions alone were too few to train the
     # relation head (docs/NOTES.md, "Relational region-text queries").
-    region_text_loss=dict(negatives="batch", relational_prob=0.25),
+    region_text_loss=dict(negatives="batch", relational_prob=0.5),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
     describe_head=dict(),

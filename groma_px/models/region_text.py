@@ -8,9 +8,9 @@ kept region's feature key, with the kept regions the words describe as positives
 InfoNCE, as GLIP / MDETR align phrases with boxes). It trains exactly the term of the pointer
 that matches a phrase to a region feature, with several labels per image instead of one.
 
-With ``relational_prob`` some queries relate two labelled regions of the image ("the star to the
-left of the red circle", the spatial rules of :mod:`groma_px.data.synthetic.expressions`): the
-positives are the kept regions whose record region stands in that relation to a region the
+With ``relational_prob`` some regions get a second query that relates them to another labelled
+region of the image ("the star to the left of the red circle", the spatial rules of
+:mod:`groma_px.data.synthetic.expressions`): the positives are the kept regions whose record region stands in that relation to a region the
 anchor words name, and the pointer's relation head scores them, so the relational term learns
 from every image instead of from the few relational questions a dataset asks.
 """
@@ -71,10 +71,11 @@ class RegionTextAlignment:
             (so "the circle" must beat every hexagon of the batch, not only its image's).
             Relational queries always compete over their own image's regions (the relation is
             to an anchor there). Defaults to "image".
-        relational_prob: Chance that a region's query relates it to another covered region
-            of its image ("the <words> to the left of the <anchor words>"; the relation is
-            drawn among those that hold, the anchor's words until they name it alone); needs
-            the record boxes and a pointer with a relation head. Defaults to 0.0 (none).
+        relational_prob: Chance that a region also gets a second query that relates it to
+            another covered region of its image ("the <words> to the left of the <anchor
+            words>"; the relation is drawn among those that hold, the anchor's words until they
+            name it alone; none when no anchor can be named alone); needs the record boxes and
+            a pointer with a relation head. Defaults to 0.0 (none).
     """
 
     weight: float = 1.0
@@ -108,7 +109,8 @@ class RegionTextAlignment:
         generator: torch.Generator | None = None,
         boxes: Tensor | None = None,
     ) -> list[tuple[str, list[int]]]:
-        """One query per record region that some kept region covers.
+        """One query per record region that some kept region covers (and, at
+        ``relational_prob``, a relational one).
 
         Args:
             labels: Per record region, its label tuple (None where a field is missing).
@@ -135,7 +137,8 @@ class RegionTextAlignment:
         generator: torch.Generator | None = None,
         boxes: Tensor | None = None,
     ) -> list[Query]:
-        """One :class:`Query` per covered record region, as :meth:`queries` draws them."""
+        """One :class:`Query` per covered record region (and a relational one at
+        ``relational_prob``), as :meth:`queries` draws them."""
         covered = sorted({int(m) for m in match.tolist() if m >= 0})
         for m in covered:
             if not 0 <= m < len(labels):
@@ -148,14 +151,14 @@ class RegionTextAlignment:
             if not named:
                 continue
             text = self._words(labels[m], named)
-            relation = None
+            out.append(Query(text, named))
             if self.relational_prob > 0 and self._coin(generator) < self.relational_prob:
                 relation = self._relation(labels, boxes, m, covered, generator)
-            if relation is not None:
-                anchor = next(a for a in covered if _accepts(labels[a], relation[1]) and a != m)
-                phrase = RELATION_PHRASES[relation[0]]
-                text = f"{text} {phrase} {self._words(labels[anchor], relation[1])}"
-            out.append(Query(text, named, relation))
+                if relation is not None:
+                    anchor = next(a for a in covered if a != m and _accepts(labels[a], relation[1]))
+                    phrase = RELATION_PHRASES[relation[0]]
+                    words = self._words(labels[anchor], relation[1])
+                    out.append(Query(f"{text} {phrase} {words}", named, relation))
         return out
 
     @staticmethod
@@ -176,7 +179,7 @@ class RegionTextAlignment:
         return {f: label[f] for f, k in zip(named, keep.tolist(), strict=True) if k}
 
     def _words(self, label: Sequence[str | None], named: dict[int, str]) -> str:
-        """"the small red star", "the red object": the named fields, the noun last."""
+        """ "the small red star", "the red object": the named fields, the noun last."""
         noun_field = len(label) - 1
         words = [value for f, value in named.items() if f != noun_field]
         noun = named.get(noun_field, self.noun)
