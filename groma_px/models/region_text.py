@@ -10,9 +10,10 @@ that matches a phrase to a region feature, with several labels per image instead
 
 With ``relational_prob`` some regions get a second query that relates them to another labelled
 region of the image ("the star to the left of the red circle", the spatial rules of
-:mod:`groma_px.data.synthetic.expressions`): the positives are the kept regions whose record region stands in that relation to a region the
-anchor words name, and the pointer's relation head scores them, so the relational term learns
-from every image instead of from the few relational questions a dataset asks.
+:mod:`groma_px.data.synthetic.expressions`): the positives are the kept regions whose record
+region stands in that relation to a region the anchor words name, and the pointer's relation
+head scores them, so the relational term learns from every image instead of from the few
+relational questions a dataset asks.
 """
 
 from __future__ import annotations

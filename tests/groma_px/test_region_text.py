@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from groma_px.data.chat_transforms import region_labels
-from region_proposer.proposers import GroundTruthProposer
 from groma_px.models.region_text import (
     RegionTextAlignment,
     batch_queries,
@@ -16,6 +15,7 @@ from groma_px.models.region_text import (
     multi_positive_nce,
     positive_rows,
 )
+from region_proposer.proposers import GroundTruthProposer
 
 LABELS = [
     ("small", "red", "star"),
