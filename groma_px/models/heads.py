@@ -218,7 +218,7 @@ class GroundingHeadsMixin:
         else:
             region_keys = padded_rows(keys, batch["num_regions"], k_max)[index]  # (Q, K, d)
             scores = torch.einsum("qd,qkd->qk", phrase_queries, region_keys) * pointer.scale
-            valid = own
+            valid = own.clone()
             columns = torch.arange(k_max, device=device).expand(len(texts), -1)
         relational = torch.tensor(queries.relational, dtype=torch.bool, device=device)
         if bool(relational.any()):
