@@ -439,6 +439,12 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
             sample.pred_text = sample.pred_response.text
             sample.kept_boxes = kept
             sample.gt_boxes_original = to_original_boxes(sample.gt_boxes.float(), sample.metainfo)
+            valid = perception.proposals.valid[b]
+            sample.proposals = InstanceData(  # before selection, after any box refiner
+                metainfo={"valid_size": tuple(int(v) for v in valid_sizes[b])},
+                bboxes=perception.proposals.boxes[b][valid],
+                scores=perception.proposals.scores[b][valid],
+            )
         return data_samples
 
     def _forward(

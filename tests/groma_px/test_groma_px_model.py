@@ -332,6 +332,13 @@ def test_evaluation_perceives_each_image_once(build_model, make_batch):
     smaller = sizes.clone()
     smaller[1] -= 1  # same pixels, another valid size
     assert unique_images(inputs, smaller)[0] == [0, 1, 2]
+    # Each predicted sample reports its image's proposals (the W&B hook's AR reads them).
+    out = model(inputs, samples, sizes, mode="predict")
+    assert seen[-1] == 2
+    reported = [s.proposals for s in out]
+    assert torch.equal(reported[0].scores, reported[1].scores) and len(reported[2].scores) > 0
+    assert reported[0].metainfo["valid_size"] == tuple(sizes[0].tolist())
+    torch.testing.assert_close(reported[2].bboxes, proposals.boxes[2][proposals.valid[2]])
     # Training (no cache) perceives every row.
     seen.clear()
     model.train()

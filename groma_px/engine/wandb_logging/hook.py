@@ -14,7 +14,7 @@ from mmengine.dist import get_world_size, is_main_process
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import print_log
 from mmengine.runner import BaseLoop
-from mmengine.structures import BaseDataElement
+from mmengine.structures import BaseDataElement, InstanceData
 from mmengine.visualization import WandbVisBackend
 from PIL import Image
 from torch import nn
@@ -47,7 +47,10 @@ class GroundingLoggerHook(Hook):
       scores, and ``{split}/examples``, a table of the first ``num_examples`` answers
       (columns ``EXAMPLE_COLUMNS``; the image shows the cited regions and the text).
 
-    Proposals are read with a forward hook on the model's ``proposer`` submodule during
+    Proposals are those a predicted sample reports (``proposals``: ``InstanceData`` with
+    normalised ``bboxes``, ``scores`` and metainfo ``valid_size``; ``GromaPX`` reports them after
+    its box refiner, one set per sample even when records of one image share a perception pass),
+    else they are read with a forward hook on the model's ``proposer`` submodule during
     evaluation (its ``FeaturePyramid`` input gives the valid sizes); kept regions, ground truth
     and answers come from the predicted data samples (``kept_boxes``, ``gt_boxes_original``,
     ``pred_response``, metainfo ``img_path``), so any part a model does not provide is skipped.
@@ -167,6 +170,11 @@ class GroundingLoggerHook(Hook):
 
     def _collect(self, samples: Sequence[Any]) -> None:
         pending, self._pending = self._pending, []
+        reported = [_reported_proposals(s) for s in samples]
+        if samples and all(r is not None for r in reported):
+            pending = []  # the model reports each sample's proposals: no need for the capture
+        else:
+            reported = [None] * len(samples)
         proposals = pending[0] if len(pending) == 1 else None
         if proposals is not None and len(proposals[0]) != len(samples):
             proposals = None
@@ -180,7 +188,9 @@ class GroundingLoggerHook(Hook):
         for b, sample in enumerate(samples):
             if not isinstance(sample, BaseDataElement):
                 continue  # a model whose predictions are not data samples: nothing to read
-            if proposals is not None:
+            if reported[b] is not None:
+                self._add_proposals(sample, *reported[b])
+            elif proposals is not None:
                 self._add_proposals(sample, *(t[b] for t in proposals))
             self._add_regions(sample)
             if self._runs and len(self._examples) < self.num_examples:
@@ -268,6 +278,22 @@ class GroundingLoggerHook(Hook):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def _reported_proposals(sample: Any) -> tuple[torch.Tensor, ...] | None:
+    """``(boxes, scores, valid, valid size)`` from a predicted sample's own ``proposals``
+    (``InstanceData`` with normalised ``bboxes``, ``scores`` and metainfo ``valid_size``, as
+    ``GromaPX`` reports them), or None."""
+    proposals = sample.get("proposals") if isinstance(sample, BaseDataElement) else None
+    if not isinstance(proposals, InstanceData) or "valid_size" not in proposals.metainfo:
+        return None
+    scores = proposals.scores.detach().float().cpu()
+    return (
+        proposals.bboxes.detach().float().cpu(),
+        scores,
+        torch.ones(len(scores), dtype=torch.bool),
+        torch.tensor(proposals.metainfo["valid_size"]),
+    )
 
 
 def wandb_runs(visualizer: Any) -> list[Any]:
