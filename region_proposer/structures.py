@@ -107,6 +107,15 @@ class FeaturePyramid:
         """Channels C_i per level."""
         return tuple(int(m.shape[1]) for m in self.maps)
 
+    def select(self, index: Tensor) -> FeaturePyramid:
+        """The pyramid of the images ``index`` (1-D long) of the batch, in that order."""
+        return FeaturePyramid(
+            maps=tuple(m[index] for m in self.maps),
+            strides=self.strides,
+            image_size=self.image_size,
+            valid_sizes=None if self.valid_sizes is None else self.valid_sizes[index],
+        )
+
 
 @dataclass(frozen=True)
 class Proposals:

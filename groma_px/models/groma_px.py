@@ -28,12 +28,14 @@ from .heads import GroundingHeadsMixin
 from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
-from .perception_cache import propose_once_per_image
+from .perception_cache import propose_once_per_image, weights_fingerprint
 from .prompting import VisualPromptsMixin
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 TOKEN_AVERAGES = ("global", "local")
+# The frozen modules whose outputs PerceptionCache keeps (their weights key its shared store).
+PERCEPTION_MODULES = ("backbone", "proposer", "box_refiner")
 
 
 @MODELS.register_module()
@@ -64,7 +66,10 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         max_new_tokens: Generation limit in ``predict``. Defaults to 64.
         cache_perception: Keep each training image's pyramid and proposals after the first
             computation (``PerceptionCache``); needs the backbone and proposer frozen and a
-            fixed padded size (``data_preprocessor.pad_to_size``). Defaults to False.
+            fixed padded size (``data_preprocessor.pad_to_size``). At the first training step
+            the cache binds to a digest of the frozen perception weights, and models with the
+            same digest in one process share what was computed (stage 3 after stage 2).
+            Defaults to False.
         match_embedding_scale: RMS-normalise image and region tokens and scale them to the RMS
             of the LLM's token embeddings (times a learnable gain starting at 1), so that
             features do not drown the token embeddings they sit next to or are added to (the
@@ -241,6 +246,10 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
     ) -> Perception:
         """Backbone, proposer and region selection for a batch."""
         if self._cache is not None and self.training:
+            if self._cache.fingerprint is None:  # weights are loaded by now: share the store
+                self._cache.share(
+                    weights_fingerprint({n: getattr(self, n) for n in PERCEPTION_MODULES})
+                )
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
         elif self.proposer.trainable and not self.training:
             # Records of one image share evaluation batches: perceive each image once.

@@ -348,11 +348,17 @@ class GroundingHeadsMixin:
             else hidden.new_zeros(0, 4)
         )
         boxes = boxes.to(hidden.dtype) * scale[cited.batch_index]
-        pixels = self.mask_head.pixel_embeddings(
-            perception.pyramids[self.consumers["mask"]], inputs.to(hidden.dtype)
-        )
+        # Pixel embeddings only for the images with a citation (the first one if none, so that
+        # every parameter stays in the graph): a training batch's other samples cite nothing.
+        images, batch_index = cited.batch_index.unique(sorted=True, return_inverse=True)
+        if len(images) == 0:
+            images = torch.zeros(1, dtype=torch.long, device=inputs.device)
+        pyramid = perception.pyramids[self.consumers["mask"]]
+        if len(images) < len(inputs):
+            pyramid, inputs = pyramid.select(images), inputs[images]
+        pixels = self.mask_head.pixel_embeddings(pyramid, inputs.to(hidden.dtype))
         return self.mask_head(
-            pixels, cited.batch_index, boxes, region_feats, (height, width), hidden=hidden
+            pixels, batch_index, boxes, region_feats, (height, width), hidden=hidden
         )
 
     def _predict_masks(

@@ -5,6 +5,9 @@ change; recomputing them every epoch is about half of a CPU training step. The c
 image, each pyramid level cropped to the image's valid cells (float16) and its proposals, and
 rebuilds padded batches from them. It is keyed by the image file and the transform applied
 (size, flip, affine), so it must only be enabled with frozen perception (``GromaPX`` checks).
+Caches bound to the same frozen weights (:meth:`PerceptionCache.share` with a
+:func:`weights_fingerprint`) share one process-wide store: stage 3, which loads stage 2's
+checkpoint in the same process, starts with the images stage 2 already perceived.
 
 :func:`propose_once_per_image` is the stateless counterpart used outside training: records of
 one image (a REC question, a caption, a count...) often share a batch, and their identical input
@@ -14,6 +17,7 @@ images are run through perception once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,11 +25,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from mmengine.structures import BaseDataElement
-from torch import Tensor
+from torch import Tensor, nn
 
 from region_proposer.structures import FeaturePyramid, Proposals
 
 Computed = tuple[dict[str, FeaturePyramid], Proposals]
+# The store of the most recently shared weights: {(fingerprint, consumers): items}.
+_SHARED: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+
+
+def weights_fingerprint(modules: dict[str, nn.Module | None]) -> str:
+    """A digest of the names, shapes, dtypes and exact values of the modules' parameters and
+    buffers (``None`` modules count as absent)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for prefix, module in modules.items():
+        digest.update(f"{prefix}:{module is None}".encode())
+        for name, tensor in ({} if module is None else module.state_dict()).items():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _key(sample: BaseDataElement) -> tuple:
@@ -51,8 +70,20 @@ class PerceptionCache:
         self.consumers = tuple(dict.fromkeys(consumers))
         self.max_items = max_items
         self._items: dict[tuple, dict[str, Any]] = {}
+        self.fingerprint: str | None = None
         self.hits = 0
         self.misses = 0
+
+    def share(self, fingerprint: str) -> None:
+        """Use the process-wide store of the perception weights ``fingerprint`` (from
+        :func:`weights_fingerprint`); the store of other weights is dropped. Items this cache
+        computed before it was bound are kept only when no store exists for the fingerprint."""
+        key = (fingerprint, self.consumers)
+        if key not in _SHARED:
+            _SHARED.clear()
+            _SHARED[key] = self._items
+        self._items = _SHARED[key]
+        self.fingerprint = fingerprint
 
     def __len__(self) -> int:
         return len(self._items)

@@ -17,6 +17,7 @@ from groma_px.data.synthetic import generate_dataset
 from groma_px.engine.stages import chat_config
 from groma_px.llm.tokenizer import build_tokenizer_from_jsonl
 from groma_px.llm.vocab import GroundingVocab
+from groma_px.models.perception_cache import _SHARED
 from groma_px.registry import DATASETS, MODELS
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "groma-px_tiny.py"
@@ -101,3 +102,11 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_perception_store():
+    """Each test starts without the process-wide perception store of earlier tests' models."""
+    _SHARED.clear()
+    yield
+    _SHARED.clear()

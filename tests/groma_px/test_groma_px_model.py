@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 from mmengine.runner import Runner
+from torch import nn
 
 from groma_px.engine.stages import export_runner_model
 from groma_px.inference import GroundedChat
-from groma_px.models.perception_cache import propose_once_per_image, unique_images
+from groma_px.models.groma_px import PERCEPTION_MODULES
+from groma_px.models.perception_cache import (
+    propose_once_per_image,
+    unique_images,
+    weights_fingerprint,
+)
 from groma_px.structures import GroundedResponse, RegionSource
 
 # Train records 0 and 10 share image 0 (a REC target and a region caption with a user region);
@@ -292,6 +298,42 @@ def test_perception_cache_hits_and_matches_uncached(build_model, make_batch):
     # Evaluation bypasses the cache.
     _tensor(model.eval(), batch(), training=False)
     assert (cache.misses, cache.hits) == (3, 6)
+
+
+def test_perception_cache_is_shared_by_models_with_the_same_perception(build_model, make_batch):
+    fixed = dict(pad_to_size=(64, 64))
+    first = build_model(cache_perception=True, data_preprocessor=fixed)
+    _loss(first, make_batch(TRAIN_BATCH))
+    assert (first._cache.misses, len(first._cache)) == (3, 2)
+    # The next stage's model: the same perception weights (other trainable parts differ).
+    second = build_model(seed=1, cache_perception=True, data_preprocessor=fixed)
+    for name in PERCEPTION_MODULES:
+        module = getattr(second, name)
+        if module is not None:
+            module.load_state_dict(getattr(first, name).state_dict())
+    _loss(second, make_batch(TRAIN_BATCH))
+    assert (second._cache.misses, second._cache.hits) == (0, 3)
+    assert second._cache.fingerprint == first._cache.fingerprint
+    # One changed perception weight: another store, computed afresh.
+    third = build_model(cache_perception=True, data_preprocessor=fixed)
+    with torch.no_grad():
+        next(third.proposer.parameters()).view(-1)[0] += 1.0
+    _loss(third, make_batch(TRAIN_BATCH))
+    assert (third._cache.misses, third._cache.hits) == (3, 0)
+    assert third._cache.fingerprint != first._cache.fingerprint
+
+
+def test_weights_fingerprint_reads_names_shapes_and_values():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint({"m": a}) == weights_fingerprint({"m": b})
+    assert weights_fingerprint({"m": a}) != weights_fingerprint({"n": a})
+    assert weights_fingerprint({"m": a}) != weights_fingerprint({"m": a, "r": None})
+    with torch.no_grad():
+        b.bias[1] = torch.nextafter(b.bias[1], torch.tensor(1.0))  # one ulp
+    assert weights_fingerprint({"m": a}) != weights_fingerprint({"m": b})
+    assert weights_fingerprint({"m": a.half()}) != weights_fingerprint({"m": a.float()})
 
 
 def _other_image(make_batch, split, image_of):

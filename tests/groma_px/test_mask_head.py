@@ -125,6 +125,25 @@ def test_first_citations_keep_the_first_step_of_each_existing_row():
     assert first_citations(tokens, cols, num_rows=2) == [(1, 1), (0, 3)]
 
 
+@pytest.mark.parametrize("cls", HEADS)
+def test_pixel_embeddings_of_selected_images_equal_their_rows_of_the_batch(cls):
+    # GromaPX embeds only the images an answer cites: each image's pixels must not depend on
+    # its batch-mates.
+    head = _head(cls, mask_stride=4, levels=(0, 1))
+    pyramid = FeaturePyramid.from_maps(
+        [torch.randn(3, 8, 8, 8), torch.randn(3, 8, 4, 4)],
+        image_size=(64, 64),
+        valid_sizes=torch.tensor([[64, 64], [40, 64], [64, 30]]),
+    )
+    image = torch.randn(3, 3, 64, 64)
+    index = torch.tensor([2, 0])
+    chosen = pyramid.select(index)
+    assert torch.equal(chosen.valid_sizes, pyramid.valid_sizes[index])
+    assert chosen.strides == pyramid.strides and chosen.image_size == pyramid.image_size
+    full = head.pixel_embeddings(pyramid, image)
+    torch.testing.assert_close(head.pixel_embeddings(chosen, image[index]), full[index])
+
+
 def _with_box_masks(batch):
     """Adds box-shaped gt_masks (one per record region) to packed train samples."""
     for sample in batch["data_samples"]:
@@ -169,8 +188,14 @@ def test_groma_px_mask_loss_trains_the_head_and_predict_attaches_masks(
         cols = model._region_cols
         tokens = torch.tensor([[5, int(cols[1]), 6, int(cols[0])], [7, 8, 9, 10]])
         gen = GenerationOutput(tokens, torch.randn(2, 4, model.llm.hidden_size))
+        embedded = []
+        hook = model.mask_head.pixel_out.register_forward_hook(
+            lambda m, args, out: embedded.append(len(out))
+        )
         masks = model._predict_masks(perception, prompt, data["inputs"], gen, data["data_samples"])
+        hook.remove()
     assert sorted(masks[0]) == [0, 1] and masks[1] == {}
+    assert embedded == [1]  # pixel embeddings of the one image that cites regions
     h, w = data["data_samples"][0].metainfo["ori_shape"]
     assert mask_utils.decode(masks[0][1]).shape == (h, w)
 
