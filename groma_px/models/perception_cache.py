@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from mmengine.structures import BaseDataElement
 from torch import Tensor, nn
 
@@ -79,7 +80,13 @@ class PerceptionCache:
         :func:`weights_fingerprint`); the store of other weights is dropped. Items this cache
         computed before it was bound are kept only when no store exists for the fingerprint."""
         key = (fingerprint, self.consumers)
-        if key not in _SHARED:
+        if key in _SHARED:
+            print_log(
+                f"PerceptionCache: {len(_SHARED[key])} images already perceived with these "
+                "frozen perception weights (an earlier model in this process) are reused",
+                logger="current",
+            )
+        else:
             _SHARED.clear()
             _SHARED[key] = self._items
         self._items = _SHARED[key]

@@ -152,12 +152,16 @@ def test_validate_data_cli(quickstart_dir):
     assert "1 good records" in proc.stdout and "2 bad" in proc.stdout
 
 
-def _bench_oracle():
-    path = ROOT / "benchmarks/bench_oracle_proposals.py"
-    spec = importlib.util.spec_from_file_location("bench_oracle_proposals", path)
+def _bench(name):
+    path = ROOT / f"benchmarks/{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_oracle():
+    return _bench("bench_oracle_proposals")
 
 
 def test_bench_oracle_proposals_evaluates_the_quickstart_model(quickstart_dir, tmp_path):
@@ -181,5 +185,26 @@ def test_bench_oracle_proposals_refuses_unknown_rows_and_missing_runs(quickstart
     bench = _bench_oracle()
     with pytest.raises(SystemExit, match="oracle"):
         bench.main(["--work-dir", str(quickstart_dir), "--rows", "orcale"])
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
+
+
+def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path):
+    bench = _bench("bench_train_steps")
+    out = tmp_path / "steps.json"
+    args = ["--work-dir", str(quickstart_dir), "--out", str(out)]
+    result = bench.main(
+        [*args, "--steps", "1", "--rounds", "2", "--batches", "2", "--repeats", "1"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    workers = result["stage1_loader_workers"]
+    assert {len(workers["blocks"][w]) for w in ("1", "2")} == {2}
+    pixels = result["mask_pixels"]
+    assert 1 <= pixels["cited_images_per_batch"] <= pixels["batch_size"]
+    assert min(pixels["cited_s"], pixels["all_s"], pixels["mask_loss_s"]) > 0
+    assert set(result["ratios"]) == {
+        "stage1 step, loader workers 1 vs 2",
+        "mask pixels fwd+bwd, cited vs all images",
+    }
     with pytest.raises(FileNotFoundError, match="quickstart"):
         bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])

@@ -1,0 +1,177 @@
+"""Where the quickstart's training steps spend time, as ratios measured alternately in one run.
+Needs a finished quickstart (its data, stage-1 and stage-3 checkpoints). Prints a table, writes
+JSON.
+
+    python benchmarks/bench_train_steps.py --work-dir work_dirs/quickstart
+
+Rows:
+
+- ``stage1 loader workers``: stage-1 training steps (the dumped stage-1 config, from its final
+  checkpoint) with 1 and with 2 data-loader workers, in alternating blocks of ``--steps``; on 2
+  CPU cores the second worker competes with training for the cores.
+- ``mask pixels``: forward and backward of the mask head's pixel embeddings (stem on the image +
+  pyramid levels) for the images whose answers cite a region, against every image of the batch,
+  on stage-3 training batches (the final stage-3 model). Pixels of an image do not
+  depend on its batch-mates, so the masks are the same either way; ``mask loss`` is the whole
+  mask branch (embeddings of the cited images, per-region logits, losses) for scale.
+
+Machines like this one are noisy: compare the two columns of a row, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from groma_px.mask_head import mask_losses  # noqa: E402
+from groma_px.models.masks import cited_regions, padded_targets  # noqa: E402
+from region_proposer.runtime import build_runner, patch_checkpoint_loader  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_train_steps.json"
+
+
+def _dumped(work_dir: Path, stage: str) -> tuple[Config, Path]:
+    """A stage's dumped config and its last checkpoint."""
+    configs = sorted((work_dir / stage).glob("*.py"))
+    checkpoints = sorted(
+        (work_dir / stage).glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1])
+    )
+    if len(configs) != 1 or not checkpoints:
+        raise FileNotFoundError(
+            f"{work_dir / stage}: expected one dumped config and an iter_*.pth checkpoint "
+            "(run tools/quickstart.py first)"
+        )
+    cfg = Config.fromfile(str(configs[0]))
+    cfg.work_dir = str(work_dir / "bench_train_steps" / stage)
+    cfg.visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")])
+    return cfg, checkpoints[-1]
+
+
+def _runner(cfg: Config, checkpoint: Path):
+    runner = build_runner(cfg)
+    runner.load_checkpoint(str(checkpoint))
+    return runner, runner.build_optim_wrapper(cfg.optim_wrapper)
+
+
+def loader_workers(work_dir: Path, steps: int, rounds: int) -> dict:
+    """Seconds per stage-1 training step with 1 and 2 loader workers (median block)."""
+    cfg, checkpoint = _dumped(work_dir, "stage1")
+    runner, optim = _runner(cfg, checkpoint)
+    model = runner.model.train()
+    iterators = {}
+    for workers in (1, 2):
+        loader_cfg = copy.deepcopy(cfg.train_dataloader)
+        loader_cfg.num_workers = workers
+        iterators[workers] = iter(runner.build_dataloader(loader_cfg))
+    blocks: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(rounds):
+        for workers in (1, 2) if r % 2 == 0 else (2, 1):
+            batches = iterators[workers]
+            model.train_step(next(batches), optim)  # the other loader's workers woke up
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_step(next(batches), optim)
+            blocks[workers].append((time.perf_counter() - start) / steps)
+            print(f"  stage 1, {workers} worker(s): {blocks[workers][-1]:.3f} s/step", flush=True)
+    return {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()} | {"blocks": blocks}
+
+
+def mask_pixels(work_dir: Path, batches: int, repeats: int) -> dict:
+    """Seconds of the mask pixel embeddings (cited images vs all) and the whole mask branch."""
+    cfg, checkpoint = _dumped(work_dir, "stage3")
+    runner, _ = _runner(cfg, checkpoint)
+    model = runner.model.train()
+    loader = iter(runner.build_dataloader(cfg.train_dataloader))
+    times: dict[str, list[float]] = {"cited": [], "all": [], "mask_loss": []}
+    images = []
+    for _ in range(batches):
+        data = model.data_preprocessor(next(loader), True)
+        inputs, samples, sizes = data["inputs"], data["data_samples"], data["valid_sizes"]
+        with torch.no_grad():
+            perception = model.perceive(inputs, samples, sizes)
+            batch = model._embed(perception, samples, padding_side="right")
+            out = model.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+        cited = cited_regions(samples, perception, batch["labels"], model._region_cols)
+        cited = cited.subset(model.max_masks)
+        hidden = out.hidden_states[cited.batch_index, cited.positions - 1].detach()
+        pyramid = perception.pyramids[model.consumers["mask"]]
+        chosen = cited.batch_index.unique()
+        images.append((len(chosen), len(inputs)))
+        if len(chosen) == 0:  # no answer cites a region with a mask: nothing to time
+            continue
+        for _ in range(repeats):
+            for name, index in (("cited", chosen), ("all", torch.arange(len(inputs)))):
+                start = time.perf_counter()
+                pixels = model.mask_head.pixel_embeddings(pyramid.select(index), inputs[index])
+                pixels.sum().backward()
+                times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            logits = model._mask_logits(perception, batch, inputs, cited, hidden)
+            targets, extents = padded_targets(samples, cited, sizes, tuple(inputs.shape[-2:]))
+            losses = mask_losses(logits, targets, extents, **model.mask_loss)
+            sum(losses.values()).backward()
+            times["mask_loss"].append(time.perf_counter() - start)
+        model.zero_grad()
+    if not times["mask_loss"]:
+        raise RuntimeError(f"no batch of {work_dir} cites a region with a mask")
+    result = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    result["cited_images_per_batch"] = statistics.mean(n for n, _ in images)
+    result["batch_size"] = images[0][1]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--work-dir", type=Path, required=True, help="a finished quickstart")
+    parser.add_argument("--steps", type=int, default=15, help="stage-1 steps per block")
+    parser.add_argument("--rounds", type=int, default=4, help="blocks per worker count")
+    parser.add_argument("--batches", type=int, default=6, help="stage-3 batches")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per batch")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    patch_checkpoint_loader()
+    torch.manual_seed(0)
+    workers = loader_workers(args.work_dir, args.steps, args.rounds)
+    pixels = mask_pixels(args.work_dir, args.batches, args.repeats)
+    rows = [
+        ("stage1 step, loader workers 1 vs 2", workers["workers_1_s"], workers["workers_2_s"]),
+        ("mask pixels fwd+bwd, cited vs all images", pixels["cited_s"], pixels["all_s"]),
+    ]
+    print(f"\n{'what':<44} {'new s':>8} {'old s':>8} {'new/old':>8}")
+    for name, new, old in rows:
+        print(f"{name:<44} {new:>8.3f} {old:>8.3f} {new / old:>8.3f}")
+    print(
+        f"mask branch (fwd+bwd, cited images only): {pixels['mask_loss_s']:.3f} s/step; "
+        f"{pixels['cited_images_per_batch']:.1f} of {pixels['batch_size']} images cite a region"
+    )
+    result = {
+        "what": "training-step costs of the quickstart, alternately measured in one run",
+        "work_dir": str(args.work_dir),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "stage1_loader_workers": workers,
+        "mask_pixels": pixels,
+        "ratios": {name: new / old for name, new, old in rows},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
