@@ -85,7 +85,8 @@ def loader_workers(work_dir: Path, steps: int, rounds: int) -> dict:
                 model.train_step(next(batches), optim)
             blocks[workers].append((time.perf_counter() - start) / steps)
             print(f"  stage 1, {workers} worker(s): {blocks[workers][-1]:.3f} s/step", flush=True)
-    return {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()} | {"blocks": blocks}
+    medians = {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()}
+    return medians | {"blocks": {str(w): v for w, v in blocks.items()}}
 
 
 def mask_pixels(work_dir: Path, batches: int, repeats: int) -> dict:
