@@ -35,7 +35,7 @@ LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 TOKEN_AVERAGES = ("global", "local")
 # The frozen modules whose outputs PerceptionCache keeps (their weights key its shared store).
-PERCEPTION_MODULES = ("backbone", "proposer", "box_refiner")
+PERCEPTION_MODULES = ("data_preprocessor", "backbone", "proposer", "box_refiner")
 
 
 @MODELS.register_module()
@@ -67,8 +67,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         cache_perception: Keep each training image's pyramid and proposals after the first
             computation (``PerceptionCache``); needs the backbone and proposer frozen and a
             fixed padded size (``data_preprocessor.pad_to_size``). At the first training step
-            the cache binds to a digest of the frozen perception weights, and models with the
-            same digest in one process share what was computed (stage 3 after stage 2).
+            the cache binds to a digest of the frozen perception weights and the data
+            preprocessor (normalisation, padded size), and models with the same digest in one
+            process share what was computed (stage 3 after stage 2).
             Defaults to False.
         match_embedding_scale: RMS-normalise image and region tokens and scale them to the RMS
             of the LLM's token embeddings (times a learnable gain starting at 1), so that
@@ -247,9 +248,9 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         """Backbone, proposer and region selection for a batch."""
         if self._cache is not None and self.training:
             if self._cache.fingerprint is None:  # weights are loaded by now: share the store
-                self._cache.share(
-                    weights_fingerprint({n: getattr(self, n) for n in PERCEPTION_MODULES})
-                )
+                modules = {n: getattr(self, n) for n in PERCEPTION_MODULES}
+                padded = getattr(self.data_preprocessor, "pad_to_size", None)
+                self._cache.share(weights_fingerprint(modules, extra=f"pad_to_size={padded}"))
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
         elif self.proposer.trainable and not self.training:
             # Records of one image share evaluation batches: perceive each image once.

@@ -35,13 +35,15 @@ Computed = tuple[dict[str, FeaturePyramid], Proposals]
 _SHARED: dict[tuple, dict[tuple, dict[str, Any]]] = {}
 
 
-def weights_fingerprint(modules: dict[str, nn.Module | None]) -> str:
+def weights_fingerprint(modules: dict[str, nn.Module | None], extra: str = "") -> str:
     """A digest of the names, shapes, dtypes and exact values of the modules' parameters and
-    buffers (``None`` modules count as absent)."""
+    buffers, non-persistent ones included (``None`` modules count as absent), and ``extra``."""
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(extra.encode())
     for prefix, module in modules.items():
         digest.update(f"{prefix}:{module is None}".encode())
-        for name, tensor in ({} if module is None else module.state_dict()).items():
+        tensors = [] if module is None else [*module.named_parameters(), *module.named_buffers()]
+        for name, tensor in tensors:
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(flat.view(torch.uint8).numpy().tobytes())

@@ -314,7 +314,10 @@ def test_perception_cache_is_shared_by_models_with_the_same_perception(build_mod
     _loss(second, make_batch(TRAIN_BATCH))
     assert (second._cache.misses, second._cache.hits) == (0, 3)
     assert second._cache.fingerprint == first._cache.fingerprint
-    # One changed perception weight: another store, computed afresh.
+    # Another padded size or one changed perception weight: another store, computed afresh.
+    other_size = build_model(cache_perception=True, data_preprocessor=dict(pad_to_size=(128, 128)))
+    _loss(other_size, make_batch(TRAIN_BATCH))
+    assert (other_size._cache.misses, other_size._cache.hits) == (3, 0)
     third = build_model(cache_perception=True, data_preprocessor=fixed)
     with torch.no_grad():
         next(third.proposer.parameters()).view(-1)[0] += 1.0
@@ -334,6 +337,12 @@ def test_weights_fingerprint_reads_names_shapes_and_values():
         b.bias[1] = torch.nextafter(b.bias[1], torch.tensor(1.0))  # one ulp
     assert weights_fingerprint({"m": a}) != weights_fingerprint({"m": b})
     assert weights_fingerprint({"m": a.half()}) != weights_fingerprint({"m": a.float()})
+    assert weights_fingerprint({"m": a}, extra="x") != weights_fingerprint({"m": a})
+    # Non-persistent buffers (a preprocessor's mean and std) count too.
+    c, d = nn.Module(), nn.Module()
+    c.register_buffer("mean", torch.zeros(3), persistent=False)
+    d.register_buffer("mean", torch.ones(3), persistent=False)
+    assert weights_fingerprint({"p": c}) != weights_fingerprint({"p": d})
 
 
 def _other_image(make_batch, split, image_of):

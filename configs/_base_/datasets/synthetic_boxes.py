@@ -21,7 +21,8 @@ test_pipeline = [
 
 train_dataloader = dict(
     batch_size=8,
-    # One worker instead: no reliable gain on 2 cores (docs/NOTES.md, "Faster training steps").
+    # Two workers: one gave no reliable gain on 2 CPU cores (docs/NOTES.md, "Faster training
+    # steps").
     num_workers=2,
     persistent_workers=True,
     sampler=dict(type="InfiniteSampler", shuffle=True),
