@@ -34,7 +34,7 @@ from .prompting import VisualPromptsMixin
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 TOKEN_AVERAGES = ("global", "local")
-# The frozen modules whose outputs PerceptionCache keeps (their weights key its shared store).
+# What the cached perception outputs depend on: their weights and buffers key the shared store.
 PERCEPTION_MODULES = ("data_preprocessor", "backbone", "proposer", "box_refiner")
 
 

@@ -314,16 +314,23 @@ def test_perception_cache_is_shared_by_models_with_the_same_perception(build_mod
     _loss(second, make_batch(TRAIN_BATCH))
     assert (second._cache.misses, second._cache.hits) == (0, 3)
     assert second._cache.fingerprint == first._cache.fingerprint
-    # Another padded size or one changed perception weight: another store, computed afresh.
-    other_size = build_model(cache_perception=True, data_preprocessor=dict(pad_to_size=(128, 128)))
-    _loss(other_size, make_batch(TRAIN_BATCH))
-    assert (other_size._cache.misses, other_size._cache.hits) == (3, 0)
-    third = build_model(cache_perception=True, data_preprocessor=fixed)
-    with torch.no_grad():
-        next(third.proposer.parameters()).view(-1)[0] += 1.0
+
+    # One changed perception weight (else first's weights): first's store must not serve it.
+    def changed(**kwargs):
+        model = build_model(cache_perception=True, **kwargs)
+        with torch.no_grad():
+            next(model.proposer.parameters()).view(-1)[0] += 1.0
+        return model
+
+    third = changed(data_preprocessor=fixed)
     _loss(third, make_batch(TRAIN_BATCH))
     assert (third._cache.misses, third._cache.hits) == (3, 0)
     assert third._cache.fingerprint != first._cache.fingerprint
+    # third's weights at another padded size: third's store must not serve it either.
+    other_size = changed(data_preprocessor=dict(pad_to_size=(128, 128)))
+    _loss(other_size, make_batch(TRAIN_BATCH))
+    assert (other_size._cache.misses, other_size._cache.hits) == (3, 0)
+    assert other_size._cache.fingerprint != third._cache.fingerprint
 
 
 def test_weights_fingerprint_reads_names_shapes_and_values():
