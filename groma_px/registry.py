@@ -50,7 +50,9 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     scope=SCOPE,
     locations=["groma_px.engine"],
 )
-DATA_SAMPLERS = Registry("data sampler", parent=_rp.DATA_SAMPLERS, scope=SCOPE)
+DATA_SAMPLERS = Registry(
+    "data sampler", parent=_rp.DATA_SAMPLERS, scope=SCOPE, locations=["groma_px.data.samplers"]
+)
 EVALUATOR = Registry("evaluator", parent=_rp.EVALUATOR, scope=SCOPE)
 FUNCTIONS = Registry("function", parent=_rp.FUNCTIONS, scope=SCOPE)
 LOG_PROCESSORS = Registry("log_processor", parent=_rp.LOG_PROCESSORS, scope=SCOPE)

@@ -97,19 +97,23 @@ def draw_predictions(runner: Runner, out_dir: str | Path, *, per_task: int = 2) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     model.eval()
-    dataset = runner.test_dataloader.dataset
-    tasks = {dataset.get_data_info(i)["task"] for i in range(len(dataset))}
+    loader = runner.test_dataloader
+    dataset = loader.dataset
+    picked: dict[str, list[int]] = {}  # the first per_task records of each task, file order
+    for i in range(len(dataset)):
+        chosen = picked.setdefault(dataset.get_data_info(i)["task"], [])
+        if len(chosen) < per_task:
+            chosen.append(i)
+    indices = [i for chosen in picked.values() for i in chosen]
     counts: dict[str, int] = {}
     written: list[str] = []
-    for batch in runner.test_dataloader:
+    size = loader.batch_size or 1
+    for start in range(0, len(indices), size):
+        batch = loader.collate_fn([dataset[i] for i in indices[start : start + size]])
         for sample in model.test_step(batch):
             task = sample.metainfo["task"]
-            if counts.get(task, 0) >= per_task:
-                continue
             counts[task] = counts.get(task, 0) + 1
             written.append(_draw_one(sample, out_dir / f"{task}_{counts[task]}.png"))
-        if all(counts.get(task, 0) >= per_task for task in tasks):
-            break
     return written
 
 

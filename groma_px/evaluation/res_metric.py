@@ -133,7 +133,7 @@ class RegionMaskAPMetric(TaskMetric):
             where = f"sample {sample_id!r}: predicted mask of region {region_id}"
             counts = empty if region.mask is None else _counts(region.mask, height, width, where)
             dets.append((counts, float(region.score)))
-        return {"height": height, "width": width, "gts": gts, "dets": dets}
+        return {"sample_id": sample_id, "height": height, "width": width, "gts": gts, "dets": dets}
 
     def summarise(self, results: list[dict[str, Any]]) -> dict[str, float]:
         """COCO mask AP and AP50 over every stored sample."""
@@ -142,7 +142,9 @@ class RegionMaskAPMetric(TaskMetric):
             return out  # AP is undefined without ground truth
         if not any(r["dets"] for r in results):
             return {"AP": 0.0, "AP50": 0.0, **out}  # pycocotools' loadRes fails on no results
-        gt, dets = _coco_inputs(results)
+        # In sample order, so that tied scores rank the same whatever order the samples were
+        # evaluated in (COCOeval sorts detections stably by score).
+        gt, dets = _coco_inputs(sorted(results, key=lambda r: str(r.get("sample_id"))))
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco_gt = COCO()
             coco_gt.dataset = gt

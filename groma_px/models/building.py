@@ -119,8 +119,11 @@ class PartsConfigMixin:
                 param.requires_grad_(False)
 
     def train(self, mode: bool = True) -> Self:
-        """Frozen sub-modules stay in eval mode (no dropout, fixed norms, inference proposer)."""
+        """Frozen sub-modules stay in eval mode (no dropout, fixed norms, inference proposer).
+        Forgets the recently perceived images: weights may change before the next evaluation."""
         super().train(mode)
+        if getattr(self, "_recent", None) is not None:
+            self._recent.clear()
         for name in self.frozen:
             self.get_submodule(name).eval()
         return self

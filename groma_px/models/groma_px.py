@@ -28,7 +28,7 @@ from .heads import GroundingHeadsMixin
 from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
 from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
-from .perception_cache import propose_once_per_image, weights_fingerprint
+from .perception_cache import RecentImages, weights_fingerprint
 from .prompting import VisualPromptsMixin
 
 LAYOUTS = ("pair", "fused")
@@ -64,6 +64,12 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         frozen: Sub-module names (dotted paths allowed) whose parameters do not train and stay
             in eval mode. Defaults to ("backbone", "proposer").
         max_new_tokens: Generation limit in ``predict``. Defaults to 64.
+        recent_images: Outside training, images remembered by content (``RecentImages``) so
+            that an image seen again, in this batch or a recent one, is not perceived again
+            (evaluation lists each image's records together; ``TaskGroupedSampler`` keeps them
+            in nearby batches). Only for proposers that read nothing but the image; forgotten
+            on ``train()``/``eval()`` and after loading a state dict. 0 keeps none. Defaults
+            to 128.
         cache_perception: Keep each training image's pyramid and proposals after the first
             computation (``PerceptionCache``); needs the backbone and proposer frozen and a
             fixed padded size (``data_preprocessor.pad_to_size``). At the first training step
@@ -141,6 +147,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         frozen: Sequence[str] = ("backbone", "proposer"),
         max_new_tokens: int = 64,
         cache_perception: bool = False,
+        recent_images: int = 128,
         match_embedding_scale: bool = True,
         region_loss_weight: float = 1.0,
         region_head: str = "linear",
@@ -191,6 +198,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         )
         self._freeze()
         self._cache = self._build_cache() if cache_perception else None
+        self._recent = RecentImages(recent_images)
+        self.register_load_state_dict_post_hook(lambda module, _: module._recent.clear())
         self.match_embedding_scale = match_embedding_scale
         if region_loss_weight <= 0:
             raise ValueError(f"region_loss_weight must be > 0, got {region_loss_weight}")
@@ -253,10 +262,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
                 self._cache.share(weights_fingerprint(modules, extra=f"pad_to_size={padded}"))
             pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
         elif self.proposer.trainable and not self.training:
-            # Records of one image share evaluation batches: perceive each image once.
-            pyramids, proposals = propose_once_per_image(
-                inputs, data_samples, valid_sizes, self._propose
-            )
+            # Records of one image share evaluation batches or nearby ones: perceive it once.
+            pyramids, proposals = self._recent(inputs, data_samples, valid_sizes, self._propose)
         else:
             pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
         return self.perceive_from(pyramids, proposals, data_samples, valid_sizes, image=inputs)

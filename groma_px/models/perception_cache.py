@@ -9,16 +9,17 @@ Caches bound to the same frozen weights (:meth:`PerceptionCache.share` with a
 :func:`weights_fingerprint`) share one process-wide store: stage 3, which loads stage 2's
 checkpoint in the same process, starts with the images stage 2 already perceived.
 
-:func:`propose_once_per_image` is the stateless counterpart used outside training: records of
-one image (a REC question, a caption, a count...) often share a batch, and their identical input
-images are run through perception once.
+:class:`RecentImages` is the counterpart used outside training: records of one image (a REC
+question, a caption, a count...) share batches or come in nearby ones, and an input image equal,
+bit for bit, to one perceived recently (in this batch or an earlier one) is not run through
+perception again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -191,64 +192,126 @@ def _stack_proposals(items: list[dict[str, Any]], device: torch.device) -> Propo
     return Proposals(boxes=boxes, scores=scores, valid=valid)
 
 
-def unique_images(inputs: Tensor, valid_sizes: Tensor) -> tuple[list[int], Tensor]:
-    """Batch rows holding distinct images, and which of them each row equals.
+class RecentImages:
+    """Outside training: the pyramids and proposals of the most recently perceived images, found
+    again by content.
 
-    Rows are compared by content (equal valid size and bit-equal padded input), not by file
-    name, so augmented or in-memory images are never confused.
+    A batch row is a hit when an earlier row (this batch or an earlier one) had the same padded
+    size, valid size and bit-equal normalised input (a blake2b digest of its bytes), never by
+    file name. Items are kept in float32 as computed, so the outputs equal recomputing them; the
+    owner must :meth:`clear` the memory whenever the perception weights may change (``GromaPX``
+    clears it on ``train()``/``eval()`` and after loading a state dict).
 
     Args:
-        inputs: (B, C, H, W) padded, normalised input batch.
-        valid_sizes: (B, 2) unpadded (h, w) per image.
-
-    Returns:
-        ``(first, inverse)``: the first row of each distinct image, in batch order, and (B,)
-        long, the position in ``first`` of each row's image.
+        max_items: Images kept, least recently used dropped first. 0 keeps none (within-batch
+            duplicates are still computed once).
     """
-    flat = inputs.reshape(len(inputs), -1)
-    # A cheap fingerprint narrows the exact comparisons to likely duplicates.
-    prints = torch.cat([flat[:, ::97].double().sum(1, keepdim=True), valid_sizes.double()], 1)
-    first: list[int] = []
-    inverse = []
-    for i in range(len(inputs)):
-        for u, j in enumerate(first):
-            if torch.equal(prints[i], prints[j]) and torch.equal(flat[i], flat[j]):
-                inverse.append(u)
-                break
-        else:
-            inverse.append(len(first))
-            first.append(i)
-    return first, torch.tensor(inverse, dtype=torch.long, device=inputs.device)
+
+    def __init__(self, max_items: int = 128) -> None:
+        if max_items < 0:
+            raise ValueError(f"RecentImages: max_items must be >= 0, got {max_items}")
+        self.max_items = max_items
+        self._items: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Forgets every image (and resets the counters)."""
+        self._items.clear()
+        self.hits = self.misses = 0
+
+    def __call__(
+        self,
+        inputs: Tensor,
+        data_samples: list[BaseDataElement],
+        valid_sizes: Tensor,
+        compute: Callable[[Tensor, list[BaseDataElement], Tensor], Computed],
+    ) -> Computed:
+        """The batch's pyramids and proposals, computing each new distinct image once."""
+        keys = [_content_key(inputs[i], valid_sizes[i]) for i in range(len(inputs))]
+        fresh: dict[tuple, dict[str, Any]] = {}
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+            elif key not in fresh:
+                fresh[key] = {}
+                missing.append(i)
+                self.misses += 1
+            else:
+                self.hits += 1
+        if missing:
+            rows = torch.tensor(missing, dtype=torch.long, device=inputs.device)
+            pyramids, proposals = compute(
+                inputs[rows], [data_samples[i] for i in missing], valid_sizes[rows]
+            )
+            for j, i in enumerate(missing):
+                fresh[keys[i]] = {
+                    "pyramids": {
+                        name: (
+                            type(pm),
+                            tuple(m[j].clone() for m in pm.maps),
+                            pm.strides,
+                            pm.image_size,
+                        )
+                        for name, pm in pyramids.items()
+                    },
+                    "proposals": tuple(
+                        None if t is None else t[j].clone()
+                        for t in (
+                            proposals.boxes,
+                            proposals.scores,
+                            proposals.valid,
+                            proposals.embeddings,
+                        )
+                    ),
+                }
+        items = [fresh[k] if k in fresh else self._items[k] for k in keys]
+        for key, item in fresh.items():
+            if self.max_items:
+                self._items[key] = item
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+        return _stack_items(items, valid_sizes)
 
 
-def propose_once_per_image(
-    inputs: Tensor,
-    data_samples: list[BaseDataElement],
-    valid_sizes: Tensor,
-    compute: Callable[[Tensor, list[BaseDataElement], Tensor], Computed],
-) -> Computed:
-    """``compute`` (backbone pyramids and proposals) run once per distinct image of the batch,
-    its outputs repeated for the rows that share an image.
+def _content_key(image: Tensor, valid_size: Tensor) -> tuple:
+    data = image.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16)
+    size = tuple(int(v) for v in valid_size)
+    return (tuple(image.shape), str(image.dtype), size, digest.digest())
 
-    Only for computations that depend on the image alone (a learned proposer, not an oracle or
-    cached one that reads each sample's annotations). The distinct rows keep the batch's padded
-    size, so the result equals running ``compute`` on the whole batch.
-    """
-    first, inverse = unique_images(inputs, valid_sizes)
-    if len(first) == len(inputs):
-        return compute(inputs, data_samples, valid_sizes)
-    rows = torch.tensor(first, dtype=torch.long, device=inputs.device)
-    pyramids, proposals = compute(inputs[rows], [data_samples[i] for i in first], valid_sizes[rows])
-    pyramids = {
-        name: dataclasses.replace(
-            pyramid, maps=tuple(m[inverse] for m in pyramid.maps), valid_sizes=valid_sizes
+
+def _stack_items(items: list[dict[str, Any]], valid_sizes: Tensor) -> Computed:
+    pyramids = {}
+    for name, (kind, maps, strides, image_size) in items[0]["pyramids"].items():
+        stacked = tuple(
+            torch.stack([item["pyramids"][name][1][level] for item in items])
+            for level in range(len(maps))
         )
-        for name, pyramid in pyramids.items()
-    }
+        pyramids[name] = kind(
+            maps=stacked, strides=strides, image_size=image_size, valid_sizes=valid_sizes
+        )
+    # Proposal slots are padded to the batch's most (proposers may vary it between batches).
+    num = max(len(item["proposals"][1]) for item in items)
+    boxes, scores, valid, embeddings = (
+        [None if t is None else _pad_rows(t, num) for t in field]
+        for field in zip(*(item["proposals"] for item in items), strict=True)
+    )
     proposals = Proposals(
-        boxes=proposals.boxes[inverse],
-        scores=proposals.scores[inverse],
-        valid=proposals.valid[inverse],
-        embeddings=None if proposals.embeddings is None else proposals.embeddings[inverse],
+        boxes=torch.stack(boxes),
+        scores=torch.stack(scores),
+        valid=torch.stack(valid),
+        embeddings=None if embeddings[0] is None else torch.stack(embeddings),
     )
     return pyramids, proposals
+
+
+def _pad_rows(t: Tensor, num: int) -> Tensor:
+    if len(t) == num:
+        return t
+    return torch.cat([t, t.new_zeros((num - len(t), *t.shape[1:]))])

@@ -16,8 +16,7 @@ from groma_px.engine.stages import export_runner_model
 from groma_px.inference import GroundedChat
 from groma_px.models.groma_px import PERCEPTION_MODULES
 from groma_px.models.perception_cache import (
-    propose_once_per_image,
-    unique_images,
+    RecentImages,
     weights_fingerprint,
 )
 from groma_px.structures import GroundedResponse, RegionSource
@@ -370,29 +369,33 @@ def test_evaluation_perceives_each_image_once(build_model, make_batch):
     data = model.data_preprocessor(make_batch(indices, split="test"), False)
     inputs, samples = data["inputs"], data["data_samples"]
     sizes = torch.stack([torch.as_tensor(s.metainfo["img_shape"][:2]) for s in samples])
-    first, inverse = unique_images(inputs, sizes)
-    assert first == [0, 2] and inverse.tolist() == [0, 0, 1]
     assert model.perceive(inputs, samples, sizes).proposals.boxes.shape[0] == 3
     assert seen == [2]  # records 0 and 1 share an image: it runs once
     pyramids, proposals = model._propose(inputs, samples, sizes)
     assert seen == [2, 3]
-    shared = propose_once_per_image(inputs, samples, sizes, model._propose)
+    memo = RecentImages(max_items=0)  # within the batch only
+    shared = memo(inputs, samples, sizes, model._propose)
+    assert seen == [2, 3, 2] and (memo.hits, memo.misses, len(memo)) == (1, 2, 0)
     for name, pyramid in pyramids.items():
         for got, want in zip(shared[0][name].maps, pyramid.maps, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert torch.equal(shared[0][name].valid_sizes, sizes)
     for field in ("boxes", "scores", "valid"):
         torch.testing.assert_close(getattr(shared[1], field), getattr(proposals, field))
-    # Images are compared by content: the same file with other pixels is another image.
+    # Images are compared by content: the same file with other pixels is another image, and
+    # so are the same pixels with another valid size.
     altered = inputs.clone()
     altered[1, :, 0, 0] += 1.0
-    assert unique_images(altered, sizes)[0] == [0, 1, 2]
+    memo(altered, samples, sizes, model._propose)
+    assert seen[-1] == 3
     smaller = sizes.clone()
-    smaller[1] -= 1  # same pixels, another valid size
-    assert unique_images(inputs, smaller)[0] == [0, 1, 2]
+    smaller[1] -= 1
+    memo(inputs, samples, smaller, model._propose)
+    assert seen[-1] == 3
     # Each predicted sample reports its image's proposals (the W&B hook's AR reads them).
+    calls = len(seen)
     out = model(inputs, samples, sizes, mode="predict")
-    assert seen[-1] == 2
+    assert len(seen) == calls  # both images are remembered from the first perceive
     reported = [s.proposals for s in out]
     assert torch.equal(reported[0].scores, reported[1].scores) and len(reported[2].scores) > 0
     assert reported[0].metainfo["valid_size"] == tuple(sizes[0].tolist())
@@ -402,6 +405,55 @@ def test_evaluation_perceives_each_image_once(build_model, make_batch):
     model.train()
     model.perceive(inputs, samples, sizes)
     assert seen == [3]
+    # train() forgot the images: evaluation perceives them again.
+    model.eval()
+    model.perceive(inputs, samples, sizes)
+    assert seen == [3, 2]
+
+
+@torch.no_grad()
+def test_evaluation_remembers_images_across_batches(build_model, make_batch):
+    """A later batch reuses what an earlier one perceived: same outputs, only new images run;
+    the memory is bounded (least recently used first out) and forgotten on a weights load."""
+    model = build_model(recent_images=2).eval()
+    seen = []
+    model.backbone.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    a = TEST_BATCH[0]
+    b = _other_image(make_batch, "test", a)
+    c = next(
+        i
+        for i in range(b + 1, 60)
+        if _image(make_batch, i) not in {_image(make_batch, j) for j in (a, b)}
+    )
+
+    def perceive(*indices):
+        data = model.data_preprocessor(make_batch(indices, split="test"), False)
+        sizes = torch.stack(
+            [torch.as_tensor(s.metainfo["img_shape"][:2]) for s in data["data_samples"]]
+        )
+        return model.perceive(data["inputs"], data["data_samples"], sizes)
+
+    first = perceive(a)
+    second = perceive(b, a)  # a remembered, b new
+    assert seen == [1, 1] and len(model._recent) == 2
+    for name, pyramid in first.pyramids.items():
+        for got, want in zip(second.pyramids[name].maps, pyramid.maps, strict=True):
+            assert torch.equal(got[1], want[0])
+    assert torch.equal(second.proposals.boxes[1], first.proposals.boxes[0])
+    perceive(a)  # a hit: a is now the most recently used
+    perceive(c)  # evicts b, the least recently used
+    perceive(a)
+    assert seen == [1, 1, 1] and len(model._recent) == 2
+    perceive(b)
+    assert seen == [1, 1, 1, 1]
+    model.load_state_dict(model.state_dict())
+    assert len(model._recent) == 0
+    perceive(b)
+    assert seen == [1, 1, 1, 1, 1]
+
+
+def _image(make_batch, index):
+    return make_batch([index], split="test")["data_samples"][0].metainfo["img_path"]
 
 
 def test_perception_cache_rejects_another_padded_size(build_model, make_batch):

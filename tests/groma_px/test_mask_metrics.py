@@ -148,6 +148,16 @@ def test_mask_ap_counts_a_maskless_citation_as_a_false_positive():
     assert _run(RegionMaskAPMetric(), [twice])["mask/AP"] == pytest.approx(1.0)
 
 
+def test_mask_ap_does_not_depend_on_the_evaluation_order():
+    """Two tied detections, one right and one wrong: ranked by sample, not by arrival (a
+    grouped evaluation order or another rank count must not move AP)."""
+    right = _sample(_response(_square(5), score=0.5), [0], gt=[_square(5)], shape=(20, 20), i=0)
+    wrong = _sample(_response(_square(0), score=0.5), [0], gt=[_square(9)], shape=(20, 20), i=1)
+    forward = _run(RegionMaskAPMetric(), [right, wrong])
+    backward = _run(RegionMaskAPMetric(), [wrong, right])
+    assert forward == backward and 0.0 < forward["mask/AP"] < 1.0
+
+
 def test_mask_metrics_registered():
     with DefaultScope.overwrite_default_scope("groma_px"):
         assert isinstance(METRICS.build(dict(type="RESMetric")), RESMetric)
