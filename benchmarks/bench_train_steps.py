@@ -15,6 +15,12 @@ Rows:
   depend on its batch-mates, so the masks are the same either way; ``mask loss`` is the whole
   mask branch (embeddings of the cited images, per-region logits, losses) for scale.
 
+- ``stage3 sampler``: stage-3 training steps (the final stage-3 model, perception cache warmed
+  with every training image first) with batches drawn by ``LengthGroupedSampler`` (the
+  default: shuffled, then each group of 8 batches sorted by record length) against
+  ``InfiniteSampler`` (shuffled), in alternating blocks of ``--steps``; also the share of the
+  LLM's positions that are not padding under each.
+
 Machines like this one are noisy: compare the two columns of a row, not runs.
 """
 
@@ -33,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
+from mmengine.dataset import pseudo_collate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from groma_px.mask_head import mask_losses  # noqa: E402
@@ -87,6 +94,61 @@ def loader_workers(work_dir: Path, steps: int, rounds: int) -> dict:
             print(f"  stage 1, {workers} worker(s): {blocks[workers][-1]:.3f} s/step", flush=True)
     medians = {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()}
     return medians | {"blocks": {str(w): v for w, v in blocks.items()}}
+
+
+def stage3_sampler(work_dir: Path, steps: int, rounds: int) -> dict:
+    """Seconds per stage-3 training step and real share of LLM positions, per sampler."""
+    cfg, checkpoint = _dumped(work_dir, "stage3")
+    runner, optim = _runner(cfg, checkpoint)
+    model = runner.model.train()
+    size = cfg.train_dataloader.batch_size
+    samplers = {
+        "length_grouped": dict(type="LengthGroupedSampler", batch_size=size, megabatch=8, seed=0),
+        "shuffled": dict(type="InfiniteSampler", shuffle=True, seed=0),
+    }
+    iterators = {}
+    for name, sampler in samplers.items():
+        loader_cfg = copy.deepcopy(cfg.train_dataloader)
+        loader_cfg.sampler = sampler
+        iterators[name] = iter(runner.build_dataloader(loader_cfg))
+    _warm_perception(model, runner.build_dataloader(cfg.train_dataloader).dataset, size)
+    positions = {name: [0, 0] for name in samplers}  # real, padded
+    current = []
+
+    def count(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        positions[current[0]][0] += int(mask.sum())
+        positions[current[0]][1] += mask.numel()
+
+    hook = model.llm.register_forward_pre_hook(count, with_kwargs=True)
+    blocks: dict[str, list[float]] = {name: [] for name in samplers}
+    for r in range(rounds):
+        for name in samplers if r % 2 == 0 else reversed(samplers):
+            current[:] = [name]
+            batches = iterators[name]
+            model.train_step(next(batches), optim)  # the other loader's workers woke up
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_step(next(batches), optim)
+            blocks[name].append((time.perf_counter() - start) / steps)
+            print(f"  stage 3, {name}: {blocks[name][-1]:.3f} s/step", flush=True)
+    hook.remove()
+    result = {f"{name}_s": statistics.median(v) for name, v in blocks.items()}
+    result |= {f"{name}_real_positions": r / p for name, (r, p) in positions.items()}
+    return result | {"blocks": blocks}
+
+
+def _warm_perception(model, dataset, batch_size: int) -> None:
+    """Runs every training image through the model's perception cache once."""
+    first = {}
+    for i in range(len(dataset)):
+        first.setdefault(dataset.get_data_info(i)["img_path"], i)
+    indices = list(first.values())
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            items = [dataset[i] for i in indices[start : start + batch_size]]
+            data = model.data_preprocessor(pseudo_collate(items), True)
+            model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
 
 
 def mask_pixels(work_dir: Path, batches: int, repeats: int) -> dict:
@@ -148,9 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     workers = loader_workers(args.work_dir, args.steps, args.rounds)
     pixels = mask_pixels(args.work_dir, args.batches, args.repeats)
+    sampler = stage3_sampler(args.work_dir, args.steps, args.rounds)
     rows = [
         ("stage1 step, loader workers 1 vs 2", workers["workers_1_s"], workers["workers_2_s"]),
         ("mask pixels fwd+bwd, cited vs all images", pixels["cited_s"], pixels["all_s"]),
+        (
+            "stage3 step, length-grouped vs shuffled",
+            sampler["length_grouped_s"],
+            sampler["shuffled_s"],
+        ),
     ]
     print(f"\n{'what':<44} {'new s':>8} {'old s':>8} {'new/old':>8}")
     for name, new, old in rows:
@@ -159,6 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"mask branch (fwd+bwd, cited images only): {pixels['mask_loss_s']:.3f} s/step; "
         f"{pixels['cited_images_per_batch']:.1f} of {pixels['batch_size']} images cite a region"
     )
+    print(
+        "real (not padding) share of the LLM's positions in stage 3: length-grouped "
+        f"{sampler['length_grouped_real_positions']:.3f}, shuffled "
+        f"{sampler['shuffled_real_positions']:.3f}"
+    )
     result = {
         "what": "training-step costs of the quickstart, alternately measured in one run",
         "work_dir": str(args.work_dir),
@@ -166,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "stage1_loader_workers": workers,
         "mask_pixels": pixels,
+        "stage3_sampler": sampler,
         "ratios": {name: new / old for name, new, old in rows},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

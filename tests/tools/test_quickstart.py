@@ -202,9 +202,14 @@ def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path)
     pixels = result["mask_pixels"]
     assert 1 <= pixels["cited_images_per_batch"] <= pixels["batch_size"]
     assert min(pixels["cited_s"], pixels["all_s"], pixels["mask_loss_s"]) > 0
+    sampler = result["stage3_sampler"]
+    assert {len(sampler["blocks"][s]) for s in ("length_grouped", "shuffled")} == {2}
+    # Grouping by length pads less (the tiny run's records differ enough in length).
+    assert 0 < sampler["shuffled_real_positions"] < sampler["length_grouped_real_positions"] <= 1
     assert set(result["ratios"]) == {
         "stage1 step, loader workers 1 vs 2",
         "mask pixels fwd+bwd, cited vs all images",
+        "stage3 step, length-grouped vs shuffled",
     }
     with pytest.raises(FileNotFoundError, match="quickstart"):
         bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
