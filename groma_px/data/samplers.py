@@ -10,7 +10,8 @@ memory of recently perceived images (``GromaPX(recent_images=...)``) computes ea
 In training, the LLM runs on batches padded to their longest sequence; in file order 41 % of the
 positions of a stage-3 batch were padding. ``LengthGroupedSampler`` (LLaVA's
 ``group_by_modality_length`` idea) shuffles as usual, then sorts each group of a few batches by
-record length, so a batch holds records of similar length.
+record length, so a batch holds records of similar length. It is opt-in: on the synthetic chat
+stages it cut stage-3 time but cost relational REC (docs/NOTES.md, "Faster evaluation").
 """
 
 from __future__ import annotations
