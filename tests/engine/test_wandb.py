@@ -8,12 +8,15 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
+from mmengine.structures import BaseDataElement, InstanceData
 
 from groma_px.data.synthetic import generate_dataset
 from groma_px.engine.stages import chat_config
 from groma_px.engine.wandb_logging import (
     GromaWandbVisBackend,
+    GroundingLoggerHook,
     find_offline_runs,
     logged_table,
     read_offline_run,
@@ -200,8 +203,12 @@ def test_runner_run_reads_back(wandb_on: None, tiny_data: dict[str, Path], tmp_p
     assert 0 <= test["test/proposer/region_set_recall@0.5"] <= 1
     hist = test["test/proposer/scores"]
     assert hist["_type"] == "histogram" and len(hist["bins"]) == len(hist["values"]) + 1
-    num_test = len(runner.test_dataloader.dataset)
-    assert sum(hist["values"]) == round(test["test/proposer/num_proposals"] * num_test)
+    # Each distinct (image, ground truth) counts once, however many records repeat it.
+    dataset = runner.test_dataloader.dataset
+    infos = [dataset.get_data_info(i) for i in range(len(dataset))]
+    distinct = {(d["img_path"], tuple(tuple(r["box"]) for r in d["regions"])) for d in infos}
+    assert len(distinct) < len(infos)
+    assert sum(hist["values"]) == round(test["test/proposer/num_proposals"] * len(distinct))
 
     assert test["test/examples"]["_type"] == "table-file" and test["test/examples"]["nrows"] == 3
     table = logged_table(test_run, "test/examples")
@@ -240,3 +247,36 @@ def _merged(run: dict) -> dict:
     for row in _logged(run):
         merged.update(row)
     return merged
+
+
+def test_diagnostics_count_each_image_once() -> None:
+    """Records repeating an image with the same ground truth and proposals count once (as the
+    stage-1 recall metric counts images); another ground truth or kept set counts again."""
+
+    def record(image: str, gt: list, kept: list) -> BaseDataElement:
+        sample = BaseDataElement(metainfo={"img_path": image, "ori_shape": (100, 100)})
+        sample.proposals = InstanceData(
+            metainfo={"valid_size": (100, 100)},
+            bboxes=torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]]),
+            scores=torch.tensor([0.9, 0.2]),
+        )
+        sample.gt_boxes_original = torch.tensor(gt, dtype=torch.float32)
+        sample.kept_boxes = torch.tensor(kept, dtype=torch.float32)
+        return sample
+
+    gt = [[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 70.0, 70.0]]
+    hook = GroundingLoggerHook()
+    hook._reset()
+    hook._collect(
+        [record("a.png", gt, [[10, 10, 50, 50]]), record("a.png", gt, [[10, 10, 50, 50]])]
+    )
+    hook._collect([record("a.png", gt, [[10, 10, 50, 50], [0, 0, 5, 5]])])  # + a user box
+    hook._collect(
+        [record("a.png", gt[:1], [[10, 10, 50, 50]]), record("b.png", gt, [[1, 1, 2, 2]])]
+    )
+    assert len(hook._ar_inputs) == 3 and hook._num_proposals == [2, 2, 2]
+    assert hook._num_kept == [1, 2, 1, 1] and hook._num_gt == 2 + 2 + 1 + 2
+    assert hook._hits[0.5] == 1 + 1 + 1 + 0
+    diagnostics = hook._diagnostics("test/proposer")
+    assert diagnostics["test/proposer/region_set_recall@0.5"] == pytest.approx(3 / 7)
+    assert 0 < diagnostics["test/proposer/AR@100"] < 1
