@@ -199,7 +199,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self._freeze()
         self._cache = self._build_cache() if cache_perception else None
         self._recent = RecentImages(recent_images)
-        self.register_load_state_dict_post_hook(lambda module, _: module._recent.clear())
+        self.register_load_state_dict_post_hook(_forget_recent_images)
         self.match_embedding_scale = match_embedding_scale
         if region_loss_weight <= 0:
             raise ValueError(f"region_loss_weight must be > 0, got {region_loss_weight}")
@@ -472,3 +472,8 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
         logits = self._output_logits(out.logits, out.hidden_states, batch)
         return {"logits": logits, "region_tokens": padded_region_tokens(perception, batch)}
+
+
+def _forget_recent_images(module: GromaPX, incompatible_keys: Any) -> None:
+    """Load-state-dict hook: remembered perception belongs to the weights before the load."""
+    module._recent.clear()
