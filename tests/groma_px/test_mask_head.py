@@ -178,7 +178,7 @@ def test_groma_px_mask_loss_trains_the_head_and_predict_attaches_masks(
         if "gt_masks" in sample:
             del sample.gt_masks
     plain = model(**model.data_preprocessor(batch, True), mode="loss")
-    assert float(plain["loss_mask_bce"]) == 0.0
+    assert plain["loss_mask_bce"].item() == 0.0 and plain["loss_mask_bce"].requires_grad
 
     model.eval()
     data = model.data_preprocessor(make_batch([0, 1], "test"), False)
