@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -82,18 +83,30 @@ def loader_workers(work_dir: Path, steps: int, rounds: int) -> dict:
         loader_cfg = copy.deepcopy(cfg.train_dataloader)
         loader_cfg.num_workers = workers
         iterators[workers] = iter(runner.build_dataloader(loader_cfg))
-    blocks: dict[int, list[float]] = {1: [], 2: []}
+    blocks = _alternate(model, optim, iterators, steps, rounds, "stage 1, {} worker(s)")
+    medians = {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()}
+    return medians | {"blocks": {str(w): v for w, v in blocks.items()}}
+
+
+def _alternate(
+    model, optim, iterators: dict, steps: int, rounds: int, label: str, on_block=None
+) -> dict:
+    """Seconds per training step of each loader in ``iterators``, in blocks of ``steps``,
+    alternating the order every round; one untimed step first (the other loader's workers
+    woke up)."""
+    blocks: dict[Any, list[float]] = {key: [] for key in iterators}
     for r in range(rounds):
-        for workers in (1, 2) if r % 2 == 0 else (2, 1):
-            batches = iterators[workers]
-            model.train_step(next(batches), optim)  # the other loader's workers woke up
+        for key in iterators if r % 2 == 0 else reversed(iterators):
+            if on_block is not None:
+                on_block(key)
+            batches = iterators[key]
+            model.train_step(next(batches), optim)
             start = time.perf_counter()
             for _ in range(steps):
                 model.train_step(next(batches), optim)
-            blocks[workers].append((time.perf_counter() - start) / steps)
-            print(f"  stage 1, {workers} worker(s): {blocks[workers][-1]:.3f} s/step", flush=True)
-    medians = {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()}
-    return medians | {"blocks": {str(w): v for w, v in blocks.items()}}
+            blocks[key].append((time.perf_counter() - start) / steps)
+            print(f"  {label.format(key)}: {blocks[key][-1]:.3f} s/step", flush=True)
+    return blocks
 
 
 def stage3_sampler(work_dir: Path, steps: int, rounds: int) -> dict:
@@ -113,25 +126,23 @@ def stage3_sampler(work_dir: Path, steps: int, rounds: int) -> dict:
         iterators[name] = iter(runner.build_dataloader(loader_cfg))
     _warm_perception(model, runner.build_dataloader(cfg.train_dataloader).dataset, size)
     positions = {name: [0, 0] for name in samplers}  # real, padded
-    current = []
+    current = {"name": None}  # the sampler whose block runs
 
     def count(module, args, kwargs):
         mask = kwargs["attention_mask"]
-        positions[current[0]][0] += int(mask.sum())
-        positions[current[0]][1] += mask.numel()
+        positions[current["name"]][0] += int(mask.sum())
+        positions[current["name"]][1] += mask.numel()
 
     hook = model.llm.register_forward_pre_hook(count, with_kwargs=True)
-    blocks: dict[str, list[float]] = {name: [] for name in samplers}
-    for r in range(rounds):
-        for name in samplers if r % 2 == 0 else reversed(samplers):
-            current[:] = [name]
-            batches = iterators[name]
-            model.train_step(next(batches), optim)  # the other loader's workers woke up
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.train_step(next(batches), optim)
-            blocks[name].append((time.perf_counter() - start) / steps)
-            print(f"  stage 3, {name}: {blocks[name][-1]:.3f} s/step", flush=True)
+    blocks = _alternate(
+        model,
+        optim,
+        iterators,
+        steps,
+        rounds,
+        "stage 3, {}",
+        on_block=lambda name: current.update(name=name),
+    )
     hook.remove()
     result = {f"{name}_s": statistics.median(v) for name, v in blocks.items()}
     result |= {f"{name}_real_positions": r / p for name, (r, p) in positions.items()}
