@@ -11,35 +11,32 @@ from mmengine.model import BaseModel
 from mmengine.structures import BaseDataElement, InstanceData
 from torch import Tensor, nn
 
-from region_proposer.box_ops import normalize_boxes
 from region_proposer.pretrain import with_in_channels
 from region_proposer.pretrain.transforms import to_original_boxes
-from region_proposer.structures import FeaturePyramid, Proposals
 
 from ..llm.generation import greedy_generate
 from ..llm.parser import parse_grounded_text
-from ..llm.sequence import build_sequence, collate_sequences
 from ..llm.tokenizer import load_tokenizer
 from ..llm.vocab import GroundingVocab
 from ..mask_head import mask_losses
 from ..registry import MODELS
 from .building import PartsConfigMixin
 from .heads import GroundingHeadsMixin
-from .inputs import sample_references, splice_features
 from .masks import cited_regions, padded_targets
-from .outputs import Perception, kept_regions, next_token_loss, padded_region_tokens
-from .perception_cache import RecentImages, weights_fingerprint
+from .outputs import kept_regions, next_token_loss, padded_region_tokens
+from .perceiving import PerceptionMixin, forget_recent_images
+from .perception_cache import RecentImages
 from .prompting import VisualPromptsMixin
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
 TOKEN_AVERAGES = ("global", "local")
-# What the cached perception outputs depend on: their weights and buffers key the shared store.
-PERCEPTION_MODULES = ("data_preprocessor", "backbone", "proposer", "box_refiner")
 
 
 @MODELS.register_module()
-class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseModel):
+class GromaPX(
+    PartsConfigMixin, PerceptionMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseModel
+):
     """Decoupled-perception grounded MLLM (Groma): a composition of configured parts.
 
     ``forward`` modes: ``loss`` -> ``{"loss": next-token CE over text and region-index tokens,
@@ -199,7 +196,7 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         self._freeze()
         self._cache = self._build_cache() if cache_perception else None
         self._recent = RecentImages(recent_images)
-        self.register_load_state_dict_post_hook(_forget_recent_images)
+        self.register_load_state_dict_post_hook(forget_recent_images)
         self.match_embedding_scale = match_embedding_scale
         if region_loss_weight <= 0:
             raise ValueError(f"region_loss_weight must be > 0, got {region_loss_weight}")
@@ -250,151 +247,6 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         if mode == "tensor":
             return self._forward(inputs, data_samples, valid_sizes)
         raise ValueError(f"unknown mode {mode!r}; expected 'loss', 'predict' or 'tensor'")
-
-    def perceive(
-        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
-    ) -> Perception:
-        """Backbone, proposer and region selection for a batch."""
-        if self._cache is not None and self.training:
-            if self._cache.fingerprint is None:  # weights are loaded by now: share the store
-                modules = {n: getattr(self, n) for n in PERCEPTION_MODULES}
-                padded = getattr(self.data_preprocessor, "pad_to_size", None)
-                self._cache.share(weights_fingerprint(modules, extra=f"pad_to_size={padded}"))
-            pyramids, proposals = self._cache(inputs, data_samples, valid_sizes, self._propose)
-        elif self.proposer.trainable and not self.training:
-            # Records of one image share evaluation batches or nearby ones: perceive it once.
-            pyramids, proposals = self._recent(inputs, data_samples, valid_sizes, self._propose)
-        else:
-            pyramids, proposals = self._propose(inputs, data_samples, valid_sizes)
-        return self.perceive_from(pyramids, proposals, data_samples, valid_sizes, image=inputs)
-
-    def perceive_from(
-        self,
-        pyramids: dict[str, FeaturePyramid],
-        proposals: Proposals,
-        data_samples: list[BaseDataElement],
-        valid_sizes: Tensor,
-        image: Tensor | None = None,
-    ) -> Perception:
-        """Region selection per sample from computed pyramids and proposals (``image``: the
-        normalised input batch, for a region encoder with a pixel branch)."""
-        references = [
-            sample_references(s, size) for s, size in zip(data_samples, valid_sizes, strict=True)
-        ]
-        selections = []
-        for b, ref in enumerate(references):
-            boxes = proposals.boxes[b][proposals.valid[b]]
-            scores = proposals.scores[b][proposals.valid[b]]
-            selections.append(
-                self.selector(
-                    boxes,
-                    scores,
-                    user_boxes=self._user_boxes(ref, boxes, scores),
-                    gt_boxes=ref.gt_boxes,
-                    training=self.training,
-                )
-            )
-        return Perception(pyramids, proposals, selections, references, image)
-
-    def _propose(
-        self, inputs: Tensor, data_samples: list[BaseDataElement], valid_sizes: Tensor
-    ) -> tuple[dict[str, FeaturePyramid], Proposals]:
-        """Backbone pyramids and proposals (the proposer sees normalised GT, for oracles)."""
-        trains = any(p.requires_grad for p in self.backbone.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-            pyramids = self.backbone(inputs, valid_sizes)
-        gt = [
-            InstanceData(
-                metainfo={"sample_id": s.metainfo.get("sample_id")},
-                bboxes=normalize_boxes(s.gt_boxes.float(), size).clamp(0.0, 1.0),
-            )
-            for s, size in zip(data_samples, valid_sizes, strict=True)
-        ]
-        with torch.no_grad():
-            proposals = self.proposer(pyramids[self.consumers["proposer"]], gt)
-            if self.box_refiner is not None:
-                proposals = self.box_refiner.refine_proposals(inputs, proposals, valid_sizes)
-        return pyramids, proposals
-
-    def _region_features(self, perception: Perception) -> tuple[Tensor, Tensor]:
-        """(sum K_b, D) region tokens of the batch and (B,) offsets of each sample's rows
-        (mask prompts are mask-pooled)."""
-        boxes = [sel.boxes for sel in perception.selections]
-        masks = [
-            {
-                int(sel.ref_to_region[u]): mask
-                for u, mask in enumerate(ref.user_masks)
-                if mask is not None and int(sel.ref_to_region[u]) >= 0
-            }
-            for sel, ref in zip(perception.selections, perception.references, strict=True)
-        ]
-        feats = self.region_encoder(
-            perception.pyramids[self.consumers["region"]],
-            boxes,
-            image=perception.image,
-            **({"masks": masks} if any(masks) else {}),
-        )
-        if self.region_classifier is not None:
-            logits = self.region_classifier(
-                perception.pyramids[self.consumers["proposer"]], boxes, image=perception.image
-            )
-            feats = feats + self.class_embed(logits.float().softmax(-1).to(feats.dtype))
-        counts = torch.tensor([len(b) for b in boxes], device=feats.device)
-        offsets = torch.cumsum(counts, 0) - counts
-        return feats, offsets
-
-    def _embed(
-        self, perception: Perception, data_samples: list[BaseDataElement], *, padding_side: str
-    ) -> dict[str, Tensor]:
-        """Token sequences of the batch and their spliced input embeddings."""
-        seqs = []
-        for sample, sel, ref in zip(
-            data_samples, perception.selections, perception.references, strict=True
-        ):
-            rows = ref.placeholder_rows(sel.ref_to_region)
-            seqs.append(
-                build_sequence(
-                    self._user_ids(sample),
-                    sample.label_mask.bool(),
-                    rows,
-                    ids=self.token_ids,
-                    num_regions=int(sel.boxes.shape[0]),
-                    num_image_tokens=self.num_image_tokens,
-                    layout=self.layout,
-                )
-            )
-        batch = collate_sequences(seqs, pad_token_id=self._pad_id, padding_side=padding_side)
-        device = self.data_preprocessor.mean.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        region_feats, offsets = self._region_features(perception)
-        image_feats = self.image_tokenizer(perception.pyramids[self.consumers["image"]])
-        if self.match_embedding_scale:
-            image_feats = self._to_embedding_scale(image_feats, 0)
-            region_feats = self._to_embedding_scale(region_feats, 1)
-        batch["inputs_embeds"] = splice_features(
-            self.llm.embed_tokens(batch["input_ids"]),
-            image_slots=batch["image_slots"],
-            image_feats=image_feats,
-            region_slots=batch["region_slots"],
-            region_add=batch["region_add"],
-            region_feats=region_feats,
-            region_offsets=offsets,
-        )
-        batch["region_feats"] = region_feats
-        batch["num_regions"] = [int(sel.boxes.shape[0]) for sel in perception.selections]
-        batch["region_boxes"] = torch.cat(
-            [sel.boxes.to(device=device, dtype=region_feats.dtype) for sel in perception.selections]
-        )
-        batch["user_rows"] = [
-            sel.ref_to_region[: len(ref.user_boxes)].to(device)
-            for sel, ref in zip(perception.selections, perception.references, strict=True)
-        ]
-        return batch
-
-    def _to_embedding_scale(self, feats: Tensor, which: int) -> Tensor:
-        """RMS-normalise each feature vector and scale it to the token-embedding RMS."""
-        normed = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return normed * (self.embedding_rms * self.feature_gain[which])
 
     @property
     def _pad_id(self) -> int:
@@ -472,8 +324,3 @@ class GromaPX(PartsConfigMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseMod
         out = self.llm(batch["inputs_embeds"], attention_mask=batch["attention_mask"])
         logits = self._output_logits(out.logits, out.hidden_states, batch)
         return {"logits": logits, "region_tokens": padded_region_tokens(perception, batch)}
-
-
-def _forget_recent_images(module: GromaPX, incompatible_keys: Any) -> None:
-    """Load-state-dict hook: remembered perception belongs to the weights before the load."""
-    module._recent.clear()

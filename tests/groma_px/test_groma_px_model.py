@@ -14,7 +14,7 @@ from torch import nn
 
 from groma_px.engine.stages import export_runner_model
 from groma_px.inference import GroundedChat
-from groma_px.models.groma_px import PERCEPTION_MODULES
+from groma_px.models.perceiving import PERCEPTION_MODULES
 from groma_px.models.perception_cache import (
     RecentImages,
     weights_fingerprint,
