@@ -76,12 +76,23 @@ def sources(jitter: float, distractors: int, score_thr: float) -> dict[str, dict
     }
 
 
-def evaluate(cfg: Config, checkpoint: str, proposer: dict | None, work_dir: Path) -> dict:
-    """REC and RES metrics of ``checkpoint`` on the test split with ``proposer``."""
+def evaluate(
+    cfg: Config,
+    checkpoint: str,
+    proposer: dict | None,
+    work_dir: Path,
+    *,
+    selector: dict | None = None,
+    split: str = "test",
+) -> dict:
+    """REC and RES metrics of ``checkpoint`` on ``split`` with ``proposer`` (None: the trained
+    one) and the selector's keys overridden by ``selector``."""
     cfg = cfg.copy()
     if proposer is not None:
         cfg.model.proposer = proposer
         cfg.model.box_refiner = None  # the oracle's boxes as they are
+    cfg.model.selector.update(selector or {})
+    cfg.test_dataloader.dataset.ann_file = f"{split}.jsonl"
     cfg.test_dataloader.dataset.tasks = ["rec", "res"]
     cfg.test_evaluator = [dict(type="RECMetric"), dict(type="RESMetric")]
     cfg.load_from = checkpoint

@@ -188,8 +188,10 @@ class GromaPX(
         self.box_refiner = None
         if box_refiner is not None:
             self.box_refiner = MODELS.build({"type": "region_proposer.BoxRefiner", **box_refiner})
-            # refine only what the selector can keep (the scores do not change)
-            self.box_refiner.score_thr = max(self.box_refiner.score_thr, self.selector.score_thr)
+            # refine only what the selector can keep, in training or test (scores do not change)
+            self.box_refiner.score_thr = max(
+                self.box_refiner.score_thr, self.selector.min_score_thr
+            )
         self.frozen = tuple(frozen) + (
             ("box_refiner",) if box_refiner is not None and "box_refiner" not in frozen else ()
         )

@@ -100,6 +100,11 @@ class RegionSelector:
         gt_score: Score given to GT candidates; must be >= ``score_thr``. Defaults to 0.3.
         shuffle: In training, randomly permute the kept rows (user rows included) so the LLM
             cannot learn that ``<r0>`` is the referred region. Defaults to False.
+        test_cfg: ``score_thr`` and/or ``nms_thr`` used instead outside training (evaluation,
+            chat), as detectron2's RPN has train and test NMS settings. A looser test rule
+            keeps more regions: the target is more often among them, at the price of more
+            distractors (``benchmarks/bench_selection.py`` measures both on a trained model).
+            None: the training rule everywhere. Defaults to None.
     """
 
     def __init__(
@@ -111,11 +116,18 @@ class RegionSelector:
         use_gt: bool = True,
         gt_score: float = 0.3,
         shuffle: bool = False,
+        test_cfg: dict | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if nms_thr is not None and not 0.0 <= nms_thr <= 1.0:
-            raise ValueError(f"nms_thr must lie in [0, 1] or be None, got {nms_thr}")
+        _check_rule(score_thr, nms_thr, "")
+        test_cfg = dict(test_cfg or {})
+        unknown = sorted(set(test_cfg) - {"score_thr", "nms_thr"})
+        if unknown:
+            raise ValueError(f"test_cfg: unknown keys {unknown}; known: score_thr, nms_thr")
+        self.test_score_thr = test_cfg.get("score_thr", score_thr)
+        self.test_nms_thr = test_cfg.get("nms_thr", nms_thr)
+        _check_rule(self.test_score_thr, self.test_nms_thr, "test_cfg.")
         if use_gt and gt_score < score_thr:
             # A GT candidate below the threshold would be dropped silently, every time.
             raise ValueError(f"gt_score={gt_score} is below score_thr={score_thr}")
@@ -130,8 +142,18 @@ class RegionSelector:
         return (
             f"{type(self).__name__}(score_thr={self.score_thr}, nms_thr={self.nms_thr}, "
             f"top_k={self.top_k}, use_gt={self.use_gt}, gt_score={self.gt_score}, "
-            f"shuffle={self.shuffle})"
+            f"shuffle={self.shuffle}, test_cfg={self.test_cfg})"
         )
+
+    @property
+    def test_cfg(self) -> dict[str, float | None]:
+        """The rule outside training (the training rule's values where not overridden)."""
+        return {"score_thr": self.test_score_thr, "nms_thr": self.test_nms_thr}
+
+    @property
+    def min_score_thr(self) -> float:
+        """The lowest score any rule of this selector keeps (training or test)."""
+        return min(self.score_thr, self.test_score_thr)
 
     def __call__(
         self,
@@ -173,8 +195,8 @@ class RegionSelector:
         keep = select_regions(
             boxes,
             scores,
-            score_thr=self.score_thr,
-            nms_thr=self.nms_thr,
+            score_thr=self.score_thr if training else self.test_score_thr,
+            nms_thr=self.nms_thr if training else self.test_nms_thr,
             top_k=self.top_k - num_user,
         )
         user_source = torch.full((num_user,), int(RegionSource.USER), device=boxes.device)
@@ -214,6 +236,13 @@ class RegionSelector:
             torch.cat([scores, scores.new_full((gt.shape[0],), self.gt_score)]),
             torch.cat([source, gt_source]),
         )
+
+
+def _check_rule(score_thr: float, nms_thr: float | None, prefix: str) -> None:
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"{prefix}score_thr must lie in [0, 1], got {score_thr}")
+    if nms_thr is not None and not 0.0 <= nms_thr <= 1.0:
+        raise ValueError(f"{prefix}nms_thr must lie in [0, 1] or be None, got {nms_thr}")
 
 
 def _random_order(num: int, generator: torch.Generator | None) -> Tensor:

@@ -292,4 +292,10 @@ def test_stage1_box_refiner_tightens_the_proposals_before_selection(
         box_refiner=dict(refiner_cfg, score_thr=0.05), selector=dict(score_thr=0.3)
     )
     assert strict.box_refiner.score_thr == 0.3
+    # ... the lower of its training and test thresholds (a looser test rule keeps more)
+    looser_test = build_model(
+        box_refiner=dict(refiner_cfg, score_thr=0.05),
+        selector=dict(score_thr=0.3, test_cfg=dict(score_thr=0.2)),
+    )
+    assert looser_test.box_refiner.score_thr == 0.2
     assert build_model(box_refiner=dict(refiner_cfg, score_thr=0.05)).box_refiner.score_thr == 0.05

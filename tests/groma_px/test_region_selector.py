@@ -136,6 +136,31 @@ def test_bad_config_raises():
         RegionSelector(top_k=0)
     with pytest.raises(ValueError, match="gt_score"):
         RegionSelector(score_thr=0.5, gt_score=0.3)
+    with pytest.raises(ValueError, match=r"test_cfg: unknown keys \['top_k'\]"):
+        RegionSelector(test_cfg=dict(top_k=10))
+    with pytest.raises(ValueError, match="test_cfg.nms_thr"):
+        RegionSelector(test_cfg=dict(nms_thr=1.5))
+    with pytest.raises(ValueError, match="^score_thr"):
+        RegionSelector(score_thr=-0.1)
+
+
+def test_test_cfg_rule_applies_only_outside_training():
+    # Box 1 overlaps box 0 at IoU 0.6; box 2 scores 0.07.
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.3], [0.6, 0.6, 0.9, 0.9]])
+    scores = torch.tensor([0.9, 0.8, 0.07])
+    selector = RegionSelector(
+        score_thr=0.1, nms_thr=0.5, use_gt=False, test_cfg=dict(score_thr=0.05, nms_thr=0.7)
+    )
+    train = selector(boxes, scores, training=True)
+    torch.testing.assert_close(train.boxes, boxes[:1])
+    test = selector(boxes, scores)
+    torch.testing.assert_close(test.boxes, boxes)
+    assert selector.test_cfg == {"score_thr": 0.05, "nms_thr": 0.7}
+    assert selector.min_score_thr == 0.05
+    # Only one key overridden: the other is the training rule's.
+    only_nms = RegionSelector(score_thr=0.1, nms_thr=0.5, test_cfg=dict(nms_thr=0.7))
+    torch.testing.assert_close(only_nms(boxes, scores).boxes, boxes[:2])
+    assert only_nms.test_cfg == {"score_thr": 0.1, "nms_thr": 0.7}
 
 
 def test_zero_proposals():

@@ -189,6 +189,25 @@ def test_bench_oracle_proposals_refuses_unknown_rows_and_missing_runs(quickstart
         bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
 
 
+def test_bench_selection_evaluates_each_rule_on_val(quickstart_dir, tmp_path):
+    out = tmp_path / "selection.json"
+    args = ["--work-dir", str(quickstart_dir), "--out", str(out), "--score-thr", "0.02"]
+    result = _bench("bench_selection").main([*args, "--nms-thr", "0.6"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["split"] == "val"
+    rows = result["rows"]
+    assert list(rows) == ["trained", "score>=0.02 nms0.6"]
+    # the config's test rule (its test_cfg), not its training rule (0.1 / 0.5)
+    assert rows["trained"]["selector"] == {"score_thr": 0.05, "nms_thr": 0.6}
+    trained, looser = rows["trained"]["metrics"], rows["score>=0.02 nms0.6"]["metrics"]
+    # Same NMS, lower threshold: the kept set only grows, so the ceiling cannot fall.
+    assert looser["rec/ceiling"] >= trained["rec/ceiling"]
+    assert looser["rec/count"] == trained["rec/count"] > 0
+    assert result["best_rec"] in rows
+    with pytest.raises(SystemExit, match="nms-thr"):
+        _bench("bench_selection").main([*args, "--nms-thr", "1.5"])
+
+
 def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path):
     bench = _bench("bench_train_steps")
     out = tmp_path / "steps.json"
