@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate(cfg, checkpoint, proposer, args.work_dir / "oracle_proposals" / name)
         results[name] = {"proposer": proposer or "trained", "metrics": metrics}
 
-    print(f"\n{'proposals':<20}" + "".join(f"{k:>24}" for k in KEYS))
-    for name, row in results.items():
-        values = "".join(f"{row['metrics'].get(k, float('nan')):>24.4f}" for k in KEYS)
-        print(f"{name:<20}{values}")
+    print_rows(results, "proposals")
     result = {
         "what": "test-split REC/RES of one stage-3 model with its regions from each source",
         "work_dir": str(args.work_dir),
@@ -141,9 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
         "distractors": args.distractors,
         "rows": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"-> {args.out}")
+    return write_result(result, args.out)
+
+
+def print_rows(rows: dict[str, dict], label: str) -> None:
+    """The ``KEYS`` metrics of each row (``{"metrics": {...}}``) as a table."""
+    print(f"\n{label:<22}" + "".join(f"{k:>24}" for k in KEYS))
+    for name, row in rows.items():
+        values = "".join(f"{row['metrics'].get(k, float('nan')):>24.4f}" for k in KEYS)
+        print(f"{name:<22}{values}")
+
+
+def write_result(result: dict, out: Path) -> dict:
+    """Writes ``result`` as JSON to ``out`` and returns it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"-> {out}")
     return result
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_oracle_proposals import KEYS, evaluate, stage3_config  # noqa: E402
+from bench_oracle_proposals import evaluate, print_rows, stage3_config, write_result  # noqa: E402
 
+from groma_px.region_encoder import RegionSelector  # noqa: E402
 from region_proposer.runtime import patch_checkpoint_loader  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_selection.json"
@@ -32,9 +32,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_selection.jso
 def rules(selector: dict, score_thrs: list[float], nms_thrs: list[float]) -> dict[str, dict]:
     """Row name -> test rule; first ``trained``, the rule the config evaluates with (its
     ``test_cfg`` over its training rule), then the grid without it."""
-    own = {"score_thr": selector["score_thr"], "nms_thr": selector["nms_thr"]}
-    own.update(selector.get("test_cfg") or {})
-    own = {k: float(v) for k, v in own.items()}
+    own = RegionSelector(**{k: v for k, v in selector.items() if k != "type"}).test_cfg
     rows = {"trained": own}
     for score_thr, nms_thr in itertools.product(score_thrs, nms_thrs):
         rule = {"score_thr": score_thr, "nms_thr": nms_thr}
@@ -68,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate(cfg, checkpoint, None, out_dir, selector=selector, split=args.split)
         results[name] = {"selector": rule, "metrics": metrics}
 
-    print(f"\n{'selection':<22}" + "".join(f"{k:>24}" for k in KEYS))
-    for name, row in results.items():
-        values = "".join(f"{row['metrics'].get(k, float('nan')):>24.4f}" for k in KEYS)
-        print(f"{name:<22}{values}")
+    print_rows(results, "selection")
     best = max(results, key=lambda n: results[n]["metrics"]["rec/acc@0.5"])
     print(f"best REC on {args.split}: {best}")
     result = {
@@ -82,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": results,
         "best_rec": best,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"-> {args.out}")
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":
