@@ -30,7 +30,9 @@ model = dict(
     # phrase-region alignment): region accuracy rose from ~0.2 to ~0.6-0.8 in training.
     # relation=dict(): PhraseRelationHead, a CMN-style second hop for relational phrases ("the
     # triangle left of the star"), trained by the relational region-text queries below.
-    region_pointer=dict(phrase_query=True, relation=dict()),
+    # gated_phrase: the phrase term reads a per-word gated mean instead of the plain mean, so
+    # the anchor's words ("the square" in "the object right of the square") can stop voting.
+    region_pointer=dict(phrase_query=True, relation=dict(gated_phrase=False)),
     # The answer may copy the question's words (pointer-generator): without it the from-scratch
     # LLM rewrote "the hexagon" as "the circle" and the phrase query then sought a circle.
     copy_head=dict(),

@@ -179,7 +179,8 @@ def pointer_logits(
         region_cols: (K,) ids of ``<r0>`` ... ``<r{K-1}>`` (columns of ``logits``).
         prefill: (B, L, D) hidden states of the whole prompt when ``hidden`` holds only
             decoding steps; defaults to ``hidden``.
-        phrase: (B, L', D) pooled phrase embeddings for a ``phrase_query`` head.
+        phrase: (B, L', D) pooled phrase embeddings for a ``phrase_query`` head (replaced by
+            the relation head's gated pool when it has ``gated_phrase``).
         relation: Inputs of the head's ``PhraseRelationHead`` when it has one: ``token_ids``
             (B, L) and ``embeds`` (B, L, D) of everything up to the last position of
             ``hidden``, ``region_boxes`` (sum K_b, 4) normalised xyxy, ``phrase_start`` and
@@ -194,6 +195,12 @@ def pointer_logits(
         if relation is None:
             raise ValueError("a pointer with a relation head needs its relation inputs")
         boxes = padded_rows(relation["region_boxes"], batch["num_regions"], positions.shape[1])
+        markers = dict(phrase_start=relation["phrase_start"], phrase_end=relation["phrase_end"])
+        pools = pointer.relation.pools(
+            relation["token_ids"], relation["embeds"], last=hidden.shape[1], **markers
+        )
+        if pointer.relation.keep is not None:  # the gated phrase replaces the plain mean
+            phrase = pools[3]
         bias = pointer.relation(
             relation["token_ids"],
             relation["embeds"],
@@ -201,9 +208,9 @@ def pointer_logits(
             boxes,
             valid,
             pointer.phrase_query,
-            phrase_start=relation["phrase_start"],
-            phrase_end=relation["phrase_end"],
             last=hidden.shape[1],
+            pools=pools,
+            **markers,
         )
     scores = pointer(hidden, keys, feats, valid, phrase, bias).to(logits.dtype)  # (B, L', K_max)
     out = logits.clone()

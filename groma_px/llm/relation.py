@@ -17,6 +17,12 @@ the region-text alignment trains), ``k`` the pointer's feature keys, ``r_ij = w(
 phi(box_i, box_j)`` a learnt function of the pair's geometry, ``a`` a scalar and ``g`` a sigmoid
 gate, both starting near zero so that the plain pointer is where training starts.
 
+With ``gated_phrase=True`` the head also gives the pointer's own phrase term its input: instead
+of the plain mean of the phrase's words (which, for "the object to the right of the square",
+votes for squares), a mean weighted by a per-word sigmoid gate read from the same word contexts.
+The gate starts equal for every word, so the pool starts as the plain mean; it can learn to
+drop the relation's and the anchor's words, which the subject and two-hop terms then handle.
+
 Everything is a function of the token ids up to each position, so the scores at decode time
 (recomputed over the prompt and the tokens generated so far) equal the teacher-forced ones.
 """
@@ -103,6 +109,8 @@ class PhraseRelationHead(nn.Module):
             share the last). Defaults to 32.
         geometry_dim: Width of the pair-geometry code ``phi``. Defaults to 64.
         gate_bias: Initial bias of the relation gate (sigmoid(-4) ~ 0.02). Defaults to -4.0.
+        gated_phrase: Also pool a per-word gated mean of the phrase for the pointer's phrase
+            term (see the module docstring). Defaults to False.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class PhraseRelationHead(nn.Module):
         max_phrase_len: int = 32,
         geometry_dim: int = 64,
         gate_bias: float = -4.0,
+        gated_phrase: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -125,6 +134,11 @@ class PhraseRelationHead(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size)
         self.pool = nn.Linear(hidden_size, 3)  # subject, relation, anchor word weights
+        self.keep = None  # per-word gate of the pointer's phrase pool
+        if gated_phrase:
+            self.keep = nn.Linear(hidden_size, 1)
+            nn.init.zeros_(self.keep.weight)  # equal gates: the plain mean at the start
+            nn.init.zeros_(self.keep.bias)
         self.relation = nn.Linear(hidden_size, geometry_dim)
         self.gate = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.gate.weight)
@@ -145,10 +159,10 @@ class PhraseRelationHead(nn.Module):
         phrase_start: int,
         phrase_end: int,
         last: int | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """(B, T, D) subject, relation and anchor pools of each position's current phrase (its
         words up to the position; zero where there is none), for the last ``last`` positions
-        (T of them; all L by default).
+        (T of them; all L by default); with ``gated_phrase`` a fourth, the gated phrase mean.
 
         Each position pools its own phrase's words (at most W). A word's weight comes from its
         context, which depends only on its phrase's words up to it: for every position at once
@@ -186,21 +200,32 @@ class PhraseRelationHead(nn.Module):
             words = (start[:, :, None] == start[:, None, :]) & inside[:, None, :]
             attend = words & (s_index[None, :] <= s_index[:, None])
             logits = gather(self._word_logits(x[:, None], attend[:, None])[:, 0])
+        keep = None
+        if self.keep is not None:
+            logits, keep = logits[..., :3], torch.sigmoid(logits[..., 3:])
+            keep = keep * present[..., None]
+            keep = keep / keep.sum(dim=2, keepdim=True).clamp(min=1e-6)  # (B, T, W, 1)
         logits = logits.masked_fill(~present[..., None], float("-inf"))  # (B, T, W, 3)
         weights = torch.softmax(logits, dim=2).nan_to_num(0.0)  # no words -> 0
+        if keep is not None:
+            weights = torch.cat([weights, keep.to(weights.dtype)], dim=-1)
         pooled = torch.einsum("btwp,btwd->pbtd", weights, gather(embeds))
-        return pooled[0], pooled[1], pooled[2]
+        return tuple(pooled.unbind(0))
 
     def _word_logits(self, words: Tensor, attend: Tensor) -> Tensor:
-        """(B, T, N, 3) pool logits of N words each, from a causal self-attention within
-        their phrase (``attend`` (B, T, N, N); every word also attends to itself)."""
+        """(B, T, N, 3) pool logits (4 with the phrase gate's) of N words each, from a causal
+        self-attention within their phrase (``attend`` (B, T, N, N); every word also attends
+        to itself)."""
         num = words.shape[2]
         attend = attend | torch.eye(num, dtype=torch.bool, device=words.device)
         qkv = self.qkv(words).unflatten(-1, (3, self.num_heads, -1))  # (B, T, N, 3, H, d)
         q, k, v = qkv.flatten(0, 1).permute(2, 0, 3, 1, 4)  # each (B*T, H, N, d)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.flatten(0, 1)[:, None])
         context = context.transpose(1, 2).flatten(2).unflatten(0, words.shape[:2])
-        return self.pool(self.norm(words + self.proj(context)))
+        context = self.norm(words + self.proj(context))
+        if self.keep is None:
+            return self.pool(context)
+        return torch.cat([self.pool(context), self.keep(context)], dim=-1)
 
     def forward(
         self,
@@ -214,6 +239,7 @@ class PhraseRelationHead(nn.Module):
         phrase_start: int,
         phrase_end: int,
         last: int | None = None,
+        pools: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         """Scores to add to the pointer's logits.
 
@@ -227,13 +253,16 @@ class PhraseRelationHead(nn.Module):
             phrase_start: Id of ``<p>``.
             phrase_end: Id of ``</p>``.
             last: Return only the last ``last`` positions (the decoding steps). Defaults to all.
+            pools: What :meth:`pools` returned for these arguments, if already computed.
 
         Returns:
             (B, L or last, K) float scores (zero on invalid regions).
         """
-        subject, relation, anchor = self.pools(
-            token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end, last=last
-        )
+        if pools is None:
+            pools = self.pools(
+                token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end, last=last
+            )
+        subject, relation, anchor = pools[:3]
         query_subject = phrase_query(subject.to(keys.dtype))
         query_anchor = phrase_query(anchor.to(keys.dtype))
         subject_scores = torch.einsum("bld,bkd->blk", query_subject, keys) * self.scale

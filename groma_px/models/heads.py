@@ -202,9 +202,15 @@ class GroundingHeadsMixin:
         for q, row in enumerate(ids):
             token_ids[q, : len(row)] = torch.tensor(row, device=device)
             present[q, : len(row)] = True
-        weights = present[..., None].to(keys.dtype)
-        embeds = self.llm.embed_tokens(token_ids).to(keys.dtype)
-        phrases = (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pools = None
+        if pointer.relation is not None and pointer.relation.keep is not None:
+            # The gated phrase pool replaces the plain mean, as when the pointer reads a phrase.
+            pools = self._query_pools(token_ids, present)
+            phrases = pools[3][:, 0].to(keys.dtype)
+        else:
+            weights = present[..., None].to(keys.dtype)
+            embeds = self.llm.embed_tokens(token_ids).to(keys.dtype)
+            phrases = (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         phrase_queries = pointer.phrase_query(phrases)  # (Q, d)
         counts = torch.tensor(batch["num_regions"], device=device)
         k_max = int(counts.max())
@@ -228,7 +234,13 @@ class GroundingHeadsMixin:
                     "(region_pointer=dict(phrase_query=True, relation=dict()))"
                 )
             bias = self._relational_query_scores(
-                token_ids[relational], present[relational], keys, batch, index[relational], k_max
+                token_ids[relational],
+                present[relational],
+                keys,
+                batch,
+                index[relational],
+                k_max,
+                None if pools is None else tuple(p[relational] for p in pools),
             )  # (Q_r, K)
             rows = relational.nonzero()[:, 0]
             own_rows = own[rows]
@@ -260,21 +272,14 @@ class GroundingHeadsMixin:
         batch: dict[str, Any],
         image_index: Tensor,
         k_max: int,
+        pools: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         """(Q_r, K) relation-head scores of relational queries (right-padded ``token_ids``)
-        over their image's regions, read as at the ``<roi>`` after ``<p>words</p>``."""
+        over their image's regions, read as at the ``<roi>`` after ``<p>words</p>``
+        (``pools``: their relation-head pools there, if already computed)."""
         pointer = self.region_pointer
         markers = self.token_ids
-        lengths = present.sum(1)
-        width = int(lengths.max()) + 2
-        # Left-padded "<p> words </p>", so that the last position closes every phrase.
-        seq = torch.full(
-            (len(token_ids), width), self._pad_id, dtype=torch.long, device=token_ids.device
-        )
-        for q, n in enumerate(lengths.tolist()):
-            seq[q, width - n - 2] = markers.phrase_start
-            seq[q, width - n - 1 : width - 1] = token_ids[q, :n]
-            seq[q, -1] = markers.phrase_end
+        seq = self._phrase_sequences(token_ids, present)
         embeds = self.llm.embed_tokens(seq)
         counts = batch["num_regions"]
         region_keys = padded_rows(keys, counts, k_max)[image_index]
@@ -291,7 +296,35 @@ class GroundingHeadsMixin:
             phrase_start=markers.phrase_start,
             phrase_end=markers.phrase_end,
             last=1,
+            pools=pools,
         )[:, 0]
+
+    def _phrase_sequences(self, token_ids: Tensor, present: Tensor) -> Tensor:
+        """Left-padded ``<p> words </p>`` of right-padded queries, so that the last position
+        closes every phrase."""
+        markers = self.token_ids
+        lengths = present.sum(1)
+        width = int(lengths.max()) + 2
+        seq = torch.full(
+            (len(token_ids), width), self._pad_id, dtype=torch.long, device=token_ids.device
+        )
+        for q, n in enumerate(lengths.tolist()):
+            seq[q, width - n - 2] = markers.phrase_start
+            seq[q, width - n - 1 : width - 1] = token_ids[q, :n]
+            seq[q, -1] = markers.phrase_end
+        return seq
+
+    def _query_pools(self, token_ids: Tensor, present: Tensor) -> tuple[Tensor, ...]:
+        """The relation head's pools of right-padded queries, read at their ``</p>``
+        (each (Q, 1, D))."""
+        seq = self._phrase_sequences(token_ids, present)
+        return self.region_pointer.relation.pools(
+            seq,
+            self.llm.embed_tokens(seq),
+            phrase_start=self.token_ids.phrase_start,
+            phrase_end=self.token_ids.phrase_end,
+            last=1,
+        )
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
         """The per-step logits hook of generation (None for the linear region head and no copy

@@ -57,8 +57,20 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
 
 @pytest.mark.parametrize(
     "copy_head, describe_head, relation, record",
-    [(None, None, None, 0), ({}, None, None, 0), ({}, {}, None, 1), ({}, None, {}, 0)],
-    ids=["pointer", "pointer+copy", "pointer+copy+describe", "pointer+copy+relation"],
+    [
+        (None, None, None, 0),
+        ({}, None, None, 0),
+        ({}, {}, None, 1),
+        ({}, None, {}, 0),
+        ({}, None, {"gated_phrase": True}, 0),
+    ],
+    ids=[
+        "pointer",
+        "pointer+copy",
+        "pointer+copy+describe",
+        "pointer+copy+relation",
+        "pointer+copy+gated-relation",
+    ],
 )
 def test_logits_while_decoding_equal_teacher_forced_ones(
     build_model, make_batch, copy_head, describe_head, relation, record
@@ -73,6 +85,8 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
     if relation is not None:  # live subject and relation terms (both start near zero)
         torch.nn.init.constant_(model.region_pointer.relation.subject_weight, 1.0)
         torch.nn.init.constant_(model.region_pointer.relation.gate.bias, 2.0)
+        if model.region_pointer.relation.keep is not None:  # unequal word gates
+            torch.nn.init.normal_(model.region_pointer.relation.keep.weight)
     if describe_head is not None:  # a live gate (it starts at zero, the identity)
         torch.nn.init.normal_(model.describe_head.gate.weight)
         torch.nn.init.constant_(model.describe_head.gate.bias, 1.0)

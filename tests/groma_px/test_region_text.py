@@ -257,12 +257,13 @@ def _recording(draw, into):
     return wrapped
 
 
+@pytest.mark.parametrize("gated_phrase", [False, True], ids=["mean-phrase", "gated-phrase"])
 def test_model_loss_trains_the_relation_head_on_relational_queries(
-    build_model, make_batch, single_thread, monkeypatch
+    build_model, make_batch, single_thread, monkeypatch, gated_phrase
 ):
     torch.manual_seed(0)
     model = build_model(
-        region_pointer=dict(phrase_query=True, relation=dict()),
+        region_pointer=dict(phrase_query=True, relation=dict(gated_phrase=gated_phrase)),
         region_text_loss=dict(relational_prob=1.0, negatives="batch"),
     )
     model.proposer = GroundTruthProposer()  # every object kept, so each has anchors to relate to
@@ -276,7 +277,10 @@ def test_model_loss_trains_the_relation_head_on_relational_queries(
     assert 0.0 <= losses["region_text_rel_acc"].item() <= 1.0
     losses["loss_region_text"].backward()
     relation = model.region_pointer.relation
-    for param in (relation.gate.bias, relation.geometry[0].weight, relation.qkv.weight):
+    params = [relation.gate.bias, relation.geometry[0].weight, relation.qkv.weight]
+    if gated_phrase:  # the gated pool is every query's phrase (plain ones too)
+        params.append(relation.keep.weight)
+    for param in params:
         assert param.grad is not None and param.grad.abs().sum() > 0
     # Without a relation head the relational queries cannot be scored.
     plain = build_model(region_text_loss=dict(relational_prob=1.0))

@@ -45,6 +45,41 @@ def test_attention_pools_reduce_to_the_phrase_mean_with_equal_weights():
         torch.testing.assert_close(pool, mean)
 
 
+def test_gated_phrase_pool_starts_as_the_mean_and_can_drop_words():
+    torch.manual_seed(0)
+    head = PhraseRelationHead(16, 16, num_heads=2, gated_phrase=True)
+    ids = torch.tensor([[1, P, 2, 3, 4, Q, 5]])
+    embeds = torch.randn(1, 7, 16)
+    mean = phrase_embeddings(ids, embeds, phrase_start=P, phrase_end=Q)
+    pools = head.pools(ids, embeds, phrase_start=P, phrase_end=Q)
+    assert len(pools) == 4  # subject, relation, anchor, gated phrase
+    torch.testing.assert_close(pools[3], mean)  # equal gates at the start
+    # A gate that closes on word 4 leaves the mean of words 2 and 3 once the phrase has all three.
+    torch.nn.init.zeros_(head.position.weight)
+    with torch.no_grad():
+        head.keep.weight.copy_(torch.randn(1, 16))
+    gated = head.pools(ids, embeds, phrase_start=P, phrase_end=Q)[3]
+    assert not torch.allclose(gated[0, 5], mean[0, 5])
+    assert (gated[0, 0] == 0).all()  # before any phrase: nothing
+    # Without gated_phrase there are three pools and no gate.
+    assert len(PhraseRelationHead(16, 16, num_heads=2).pools(ids, embeds, **_MARKERS)) == 3
+
+
+_MARKERS = dict(phrase_start=P, phrase_end=Q)
+
+
+def test_gated_phrase_pool_depends_only_on_tokens_so_far():
+    torch.manual_seed(0)
+    head = PhraseRelationHead(16, 8, num_heads=2, gated_phrase=True)
+    torch.nn.init.normal_(head.keep.weight)
+    ids = torch.tensor([[1, P, 2, 3, 4, Q, 5, 6], [P, 2, Q, 1, P, 4, 3, Q]])
+    embeds = torch.randn(2, 8, 16)
+    full = head.pools(ids, embeds, **_MARKERS)[3]
+    for t in range(1, 9):
+        prefix = head.pools(ids[:, :t], embeds[:, :t], last=1, **_MARKERS)[3]
+        torch.testing.assert_close(prefix[:, 0], full[:, t - 1], atol=1e-5, rtol=1e-5)
+
+
 def test_scores_depend_only_on_tokens_so_far_and_last_slices():
     torch.manual_seed(0)
     head = PhraseRelationHead(16, 8, num_heads=2, gate_bias=1.0)
@@ -69,9 +104,12 @@ def test_relation_head_needs_the_phrase_query():
         RegionPointerHead(16, relation=dict())
 
 
-def _relational_scenes(gen: torch.Generator, n: int, dim: int, vocab: torch.Tensor):
+def _relational_scenes(
+    gen: torch.Generator, n: int, dim: int, vocab: torch.Tensor, ask_anchor: bool = False
+):
     """ "the A <left|right> of the B" (two A's, one on each side of B, plus distractors C, D) or
-    "the C" (a unique C). Returns ids (n, 9), region features (n, 5, dim), boxes, targets."""
+    "the C" (a unique C), or with ``ask_anchor`` "the C" or "the B" (the anchor as a target).
+    Returns ids (n, 9), region features (n, 5, dim), boxes, targets."""
     THE, OF, LEFT, RIGHT, ROI = 0, 5, 6, 7, 10
     A, B, C, D = 1, 2, 3, 4
     ids, feats, boxes, targets = [], [], [], []
@@ -86,7 +124,8 @@ def _relational_scenes(gen: torch.Generator, n: int, dim: int, vocab: torch.Tens
         order = torch.randperm(5, generator=gen).tolist()
         kind = int(torch.randint(4, (1,), generator=gen))
         if kind == 0:
-            seq, target = [P, THE, C, Q, ROI, ROI, ROI, ROI, ROI], 3
+            ask = B if ask_anchor and torch.rand(1, generator=gen).item() < 0.5 else C
+            seq, target = [P, THE, ask, Q, ROI, ROI, ROI, ROI, ROI], cats.index(ask)
         else:
             word, target = (LEFT, 0) if kind % 2 else (RIGHT, 1)
             seq = [P, THE, A, word, OF, THE, B, Q, ROI]
@@ -101,7 +140,9 @@ def _relational_scenes(gen: torch.Generator, n: int, dim: int, vocab: torch.Tens
     return torch.tensor(ids), torch.stack(feats), torch.stack(boxes), torch.tensor(targets)
 
 
-def _train_pointer(relation: dict | None, steps: int = 250) -> float:
+def _train_pointer(
+    relation: dict | None, steps: int = 250, out: dict | None = None, ask_anchor: bool = False
+) -> float:
     torch.manual_seed(0)
     dim = 32
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +158,9 @@ def _train_pointer(relation: dict | None, steps: int = 250) -> float:
         phrase = phrase_embeddings(ids, embeds, phrase_start=P, phrase_end=Q)[:, last:]
         bias = None
         if pointer.relation is not None:
+            pools = pointer.relation.pools(ids, embeds, last=1, **_MARKERS)
+            if pointer.relation.keep is not None:
+                phrase = pools[3]
             bias = pointer.relation(
                 ids,
                 embeds,
@@ -124,22 +168,24 @@ def _train_pointer(relation: dict | None, steps: int = 250) -> float:
                 boxes,
                 valid,
                 pointer.phrase_query,
-                phrase_start=P,
-                phrase_end=Q,
                 last=1,
+                pools=pools,
+                **_MARKERS,
             )
         zeros = torch.zeros(b, 1, dim)
         return pointer(zeros, torch.zeros(b, k, dim), feats, valid, phrase, bias)[:, 0]
 
     for _ in range(steps):
-        ids, feats, boxes, targets = _relational_scenes(gen, 32, dim, vocab)
+        ids, feats, boxes, targets = _relational_scenes(gen, 32, dim, vocab, ask_anchor)
         loss = torch.nn.functional.cross_entropy(scores(ids, feats, boxes), targets)
         optim.zero_grad()
         loss.backward()
         optim.step()
     ids, feats, boxes, targets = _relational_scenes(
-        torch.Generator().manual_seed(1), 400, dim, vocab
+        torch.Generator().manual_seed(1), 400, dim, vocab, ask_anchor
     )
+    if out is not None:
+        out.update(pointer=pointer, vocab=vocab)
     with torch.no_grad():
         return (scores(ids, feats, boxes).argmax(-1) == targets).float().mean().item()
 
@@ -151,3 +197,20 @@ def test_pointer_with_relation_head_resolves_left_and_right_of_an_anchor():
     relational = _train_pointer(dict(num_heads=2))
     assert plain < 0.7
     assert relational > 0.95
+
+
+def test_gated_phrase_learns_to_drop_the_anchor_words():
+    # In "the A left of the B" the plain mean votes for B as much as for A, and "the B" is also
+    # asked for, so the phrase query cannot simply ignore B's word; the gate keeps the subject's
+    # word and drops the anchor's.
+    trained: dict = {}
+    accuracy = _train_pointer(dict(num_heads=2, gated_phrase=True), out=trained, ask_anchor=True)
+    assert accuracy > 0.95
+    relation, vocab = trained["pointer"].relation, trained["vocab"]
+    words = torch.tensor([0, 1, 6, 5, 0, 2])  # "the A left of the B"
+    with torch.no_grad():  # each word's gate, from its context within the phrase
+        x = relation.in_norm(vocab[words] + relation.position(torch.arange(6)))[None, None]
+        causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+        gate = torch.sigmoid(relation._word_logits(x, causal)[0, 0, :, 3])
+    subject, anchor = gate[1].item(), gate[5].item()  # "A", "B"
+    assert subject > 2 * anchor
