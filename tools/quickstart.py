@@ -121,6 +121,8 @@ def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[d
             {
                 "train_cfg.max_iters": iters,
                 "train_cfg.val_interval": iters,
+                # The config's warm-up share (200 of 1,800 iterations) and decay at 80 %.
+                "param_scheduler.0.end": max(1, iters // 9),
                 "param_scheduler.1.milestones": [int(iters * 0.8)],
             }
         )
