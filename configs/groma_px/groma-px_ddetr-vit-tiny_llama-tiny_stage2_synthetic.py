@@ -44,7 +44,7 @@ model = dict(
     # relational_prob: half the regions also get a query relating them to another ("the star to
     # the left of the red circle"): relational questions alone were too few to train the
     # relation head (docs/NOTES.md, "Relational region-text queries").
-    region_text_loss=dict(negatives="batch", relational_prob=0.5),
+    region_text_loss=dict(weight=1.0, negatives="batch", relational_prob=0.5),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
     describe_head=dict(),
