@@ -44,8 +44,8 @@ model = dict(
     # relational_prob: half the regions also get a query relating them to another ("the star to
     # the left of the red circle"): relational questions alone were too few to train the
     # relation head (docs/NOTES.md, "Relational region-text queries").
-    # weight=2.0: REC 0.910 (relational 0.836) against 0.884 / 0.894 (0.672 / 0.657) at 1.0 on
-    # the same stage 1 (one run against two; docs/NOTES.md, "Region-text weight 2").
+    # weight=2.0: REC 0.910 / 0.910 (relational 0.836 / 0.821) against 0.884 / 0.894 (0.672 /
+    # 0.657) at 1.0 on the same stage 1 (two runs each; docs/NOTES.md, "Region-text weight 2").
     region_text_loss=dict(weight=2.0, negatives="batch", relational_prob=0.5),
     # Region captions: text logits biased towards the words whose pointer key matches the cited
     # user region (the pointer run backwards); without it every caption was the same sentence.
