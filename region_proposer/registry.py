@@ -29,7 +29,8 @@ TRANSFORMS = Registry(
 METRICS = Registry(
     "metric", parent=_mm.METRICS, scope=SCOPE, locations=["region_proposer.evaluation"]
 )
-# Children of mmengine's remaining registries (ours: CompatFSDPStrategy in runtime.py).
+# Children of mmengine's remaining registries (ours: CompatFSDPStrategy in runtime.py,
+# AutocastOptimWrapper in optim.py).
 DATA_SAMPLERS = Registry("data sampler", parent=_mm.DATA_SAMPLERS, scope=SCOPE)
 EVALUATOR = Registry("evaluator", parent=_mm.EVALUATOR, scope=SCOPE)
 FUNCTIONS = Registry("function", parent=_mm.FUNCTIONS, scope=SCOPE)
@@ -40,7 +41,9 @@ MODEL_WRAPPERS = Registry("model_wrapper", parent=_mm.MODEL_WRAPPERS, scope=SCOP
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     "optimizer wrapper constructor", parent=_mm.OPTIM_WRAPPER_CONSTRUCTORS, scope=SCOPE
 )
-OPTIM_WRAPPERS = Registry("optim_wrapper", parent=_mm.OPTIM_WRAPPERS, scope=SCOPE)
+OPTIM_WRAPPERS = Registry(
+    "optim_wrapper", parent=_mm.OPTIM_WRAPPERS, scope=SCOPE, locations=["region_proposer.optim"]
+)
 OPTIMIZERS = Registry("optimizer", parent=_mm.OPTIMIZERS, scope=SCOPE)
 PARAM_SCHEDULERS = Registry("parameter scheduler", parent=_mm.PARAM_SCHEDULERS, scope=SCOPE)
 RUNNERS = Registry("runner", parent=_mm.RUNNERS, scope=SCOPE)

@@ -13,8 +13,10 @@
    in the pre-2.1 order, so resuming an FSDP run fails, and on CPU its full optimizer state dict
    saves ``exp_avg_sq`` in place of ``exp_avg``: :class:`CompatFSDPStrategy` fixes both
    (config: ``strategy=dict(type="region_proposer.CompatFSDPStrategy", ...)``).
-5. ``AmpOptimWrapper`` refuses CPU: :func:`optim_wrapper_for_device` turns it into the fp32
-   ``OptimWrapper`` there, so a config asks for bf16 once and still runs on CPU.
+5. ``AmpOptimWrapper`` refuses CPU: :func:`optim_wrapper_for_device` turns a bf16 one into
+   :class:`~region_proposer.optim.AutocastOptimWrapper` on CPUs with native bf16 (AVX-512 BF16,
+   AMX) and into the fp32 ``OptimWrapper`` on other CPUs, so a config asks for bf16 once and
+   still runs everywhere.
 
 Configs stay device-free (STYLE.md): the device decisions are made here, at launch.
 """
@@ -38,6 +40,7 @@ from mmengine.runner import CheckpointLoader, Runner
 from torch.distributed.fsdp import FullOptimStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from .optim import cpu_has_fast_bf16
 from .registry import RUNNERS, STRATEGIES
 
 _PATCHED = False
@@ -87,16 +90,22 @@ def _slurm_env_to_torch() -> None:
 _AMP_ONLY_KEYS = ("dtype", "loss_scale", "use_fsdp")
 
 
-def optim_wrapper_for_device(optim_wrapper: dict, *, cuda: bool | None = None) -> dict:
+def optim_wrapper_for_device(
+    optim_wrapper: dict, *, cuda: bool | None = None, cpu_bf16: bool | None = None
+) -> dict:
     """The optim-wrapper config to use on this device (fix 5).
 
-    ``AmpOptimWrapper`` (mixed precision, e.g. ``dtype="bfloat16"``) is kept on CUDA and becomes
-    a plain fp32 ``OptimWrapper`` elsewhere, with its AMP-only keys dropped; every other
-    wrapper, and ``accumulative_counts``, ``clip_grad`` and ``paramwise_cfg``, pass unchanged.
+    ``AmpOptimWrapper`` (mixed precision, e.g. ``dtype="bfloat16"``) is kept on CUDA. Elsewhere
+    a bf16 one becomes ``AutocastOptimWrapper`` (bf16 autocast, fp32 weights, no loss scaling)
+    where the CPU has native bf16, and any other becomes the plain fp32 ``OptimWrapper``, with
+    the AMP-only keys dropped. Every other wrapper, and ``accumulative_counts``, ``clip_grad``
+    and ``paramwise_cfg``, pass unchanged.
 
     Args:
         optim_wrapper: The config's ``optim_wrapper`` dict.
         cuda: Whether CUDA is used. Defaults to None (``torch.cuda.is_available()``).
+        cpu_bf16: Whether the CPU runs bf16 natively. Defaults to None
+            (:func:`~region_proposer.optim.cpu_has_fast_bf16`).
 
     Returns:
         A new dict; ``optim_wrapper`` is not modified.
@@ -105,10 +114,18 @@ def optim_wrapper_for_device(optim_wrapper: dict, *, cuda: bool | None = None) -
     out = copy.deepcopy(dict(optim_wrapper))
     if cuda or out.get("type") != "AmpOptimWrapper":
         return out
-    warnings.warn("AmpOptimWrapper needs CUDA; training in fp32 with OptimWrapper", stacklevel=2)
-    out["type"] = "OptimWrapper"
+    bf16 = str(out.get("dtype")).replace("torch.", "") == "bfloat16"
     for key in _AMP_ONLY_KEYS:
         out.pop(key, None)
+    if bf16 and (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16):
+        out.update(type="region_proposer.AutocastOptimWrapper", dtype="bfloat16")
+        return out
+    warnings.warn(
+        "AmpOptimWrapper needs CUDA (or, for bfloat16, a CPU with native bf16); training in "
+        "fp32 with OptimWrapper",
+        stacklevel=2,
+    )
+    out["type"] = "OptimWrapper"
     return out
 
 

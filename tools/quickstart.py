@@ -44,7 +44,7 @@ from groma_px.inference import GroundedChat
 from groma_px.llm.tokenizer import build_tokenizer_from_jsonl
 from groma_px.llm.vocab import GroundingVocab
 from groma_px.visualization import draw_record
-from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
+from region_proposer.runtime import apply_cfg_options, configure_for_device, patch_checkpoint_loader
 from region_proposer.visualization import draw_proposals
 
 SPLITS = ("train", "val", "test")
@@ -128,6 +128,7 @@ def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[d
         )
     apply_cfg_options(cfg, options)
     cfg.work_dir = str(work_dir)
+    configure_for_device(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
     metrics = runner.test()

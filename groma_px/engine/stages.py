@@ -13,7 +13,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from PIL import Image
 
-from region_proposer.runtime import apply_cfg_options, patch_checkpoint_loader
+from region_proposer.runtime import apply_cfg_options, configure_for_device, patch_checkpoint_loader
 
 from ..inference.export import export_pretrained
 from ..visualization import add_caption, draw_response
@@ -72,6 +72,7 @@ def chat_config(
 def train_stage(cfg: Config, *, test: bool = False) -> tuple[Runner, dict[str, float], str]:
     """Trains ``cfg``; returns the runner, test metrics (if ``test``) and the last checkpoint."""
     patch_checkpoint_loader()
+    configure_for_device(cfg)  # bf16 autocast where the CPU has it (optim_wrapper_for_device)
     runner = Runner.from_cfg(cfg)
     runner.train()
     metrics = {k: float(v) for k, v in runner.test().items()} if test else {}

@@ -191,7 +191,7 @@ class PhraseRelationHead(nn.Module):
             return t.gather(1, flat).unflatten(1, index.shape[1:])
 
         embeds = embeds.to(self.qkv.weight.dtype)
-        x = self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
+        x = self._word_inputs(embeds, offset)
         if rows * width < length:  # a few positions: attend among their phrases' words only
             w = torch.arange(width, device=token_ids.device)
             attend = (w[None, :] <= w[:, None]) & present[..., None, :]
@@ -211,6 +211,25 @@ class PhraseRelationHead(nn.Module):
             weights = torch.cat([weights, keep.to(weights.dtype)], dim=-1)
         pooled = torch.einsum("btwp,btwd->pbtd", weights, gather(embeds))
         return tuple(pooled.unbind(0))
+
+    def word_gates(self, embeds: Tensor) -> Tensor:
+        """(N,) the ``gated_phrase`` gates (before normalisation) of one phrase's N words, given
+        their (N, D) token embeddings; each word's gate reads its context up to it.
+
+        Raises:
+            ValueError: If the head was built without ``gated_phrase``.
+        """
+        if self.keep is None:
+            raise ValueError("word_gates needs PhraseRelationHead(gated_phrase=True)")
+        num = embeds.shape[0]
+        offset = torch.arange(num, device=embeds.device)
+        x = self._word_inputs(embeds.to(self.qkv.weight.dtype), offset)[None, None]
+        causal = torch.ones(num, num, dtype=torch.bool, device=embeds.device).tril()
+        return torch.sigmoid(self._word_logits(x, causal[None, None])[0, 0, :, 3])
+
+    def _word_inputs(self, embeds: Tensor, offset: Tensor) -> Tensor:
+        """Word embeddings with their position within the phrase, normalised."""
+        return self.in_norm(embeds + self.position(offset.clamp(max=self.max_phrase_len - 1)))
 
     def _word_logits(self, words: Tensor, attend: Tensor) -> Tensor:
         """(B, T, N, 3) pool logits (4 with the phrase gate's) of N words each, from a causal
@@ -262,6 +281,17 @@ class PhraseRelationHead(nn.Module):
             pools = self.pools(
                 token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end, last=last
             )
+        return self.scores(pools, keys, boxes, valid, phrase_query)
+
+    def scores(
+        self,
+        pools: tuple[Tensor, ...],
+        keys: Tensor,
+        boxes: Tensor,
+        valid: Tensor,
+        phrase_query: nn.Module,
+    ) -> Tensor:
+        """:meth:`forward` from the (B, T, D) :meth:`pools` of T positions: (B, T, K) scores."""
         subject, relation, anchor = pools[:3]
         query_subject = phrase_query(subject.to(keys.dtype))
         query_anchor = phrase_query(anchor.to(keys.dtype))

@@ -27,6 +27,7 @@ from .outputs import kept_regions, next_token_loss, padded_region_tokens
 from .perceiving import PerceptionMixin, forget_recent_images
 from .perception_cache import RecentImages
 from .prompting import VisualPromptsMixin
+from .region_text_loss import RegionTextLossMixin
 
 LAYOUTS = ("pair", "fused")
 REGION_HEADS = ("linear", "pointer")
@@ -35,7 +36,12 @@ TOKEN_AVERAGES = ("global", "local")
 
 @MODELS.register_module()
 class GromaPX(
-    PartsConfigMixin, PerceptionMixin, VisualPromptsMixin, GroundingHeadsMixin, BaseModel
+    PartsConfigMixin,
+    PerceptionMixin,
+    VisualPromptsMixin,
+    GroundingHeadsMixin,
+    RegionTextLossMixin,
+    BaseModel,
 ):
     """Decoupled-perception grounded MLLM (Groma): a composition of configured parts.
 

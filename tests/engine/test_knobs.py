@@ -13,6 +13,7 @@ import torch
 from mmengine.config import Config
 
 from groma_px.engine import tiny_runs
+from region_proposer.optim import cpu_has_fast_bf16
 from region_proposer.runtime import build_runner, configure_for_device, optim_wrapper_for_device
 
 KNOBS_CONFIG = tiny_runs.REPO_ROOT / "configs" / "tiny" / "groma-px_tiny_knobs.py"
@@ -35,7 +36,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg.work_dir, cfg.launcher = str(root / "work"), "none"
     cfg.experiment_name = f"knobs_{time.time_ns()}"  # ENV-NOTES 8: one Visualizer per Runner
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "AmpOptimWrapper needs CUDA" on CPU
+        warnings.simplefilter("ignore")  # "AmpOptimWrapper needs CUDA" on CPUs without bf16
         configure_for_device(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,9 +89,10 @@ def test_frozen_modules_keep_their_weights_and_eval_mode(trained):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
-def test_amp_optim_wrapper_runs_as_fp32_optim_wrapper_on_cpu(trained):
+def test_amp_optim_wrapper_runs_as_autocast_or_fp32_optim_wrapper_on_cpu(trained):
     wrapper = trained["runner"].optim_wrapper
-    assert type(wrapper).__name__ == "OptimWrapper"
+    expected = "AutocastOptimWrapper" if cpu_has_fast_bf16() else "OptimWrapper"
+    assert type(wrapper).__name__ == expected
     assert all(p.dtype == torch.float32 for p in trained["model"].parameters())
 
 
@@ -128,7 +130,7 @@ def test_amp_optim_wrapper_is_kept_on_cuda_and_becomes_plain_elsewhere():
     )
     assert optim_wrapper_for_device(amp, cuda=True) == amp
     with pytest.warns(UserWarning, match="AmpOptimWrapper needs CUDA"):
-        cpu = optim_wrapper_for_device(amp, cuda=False)
+        cpu = optim_wrapper_for_device(amp, cuda=False, cpu_bf16=False)
     assert cpu == {
         "type": "OptimWrapper",
         "optimizer": amp["optimizer"],

@@ -61,8 +61,16 @@ def test_gated_phrase_pool_starts_as_the_mean_and_can_drop_words():
     gated = head.pools(ids, embeds, phrase_start=P, phrase_end=Q)[3]
     assert not torch.allclose(gated[0, 5], mean[0, 5])
     assert (gated[0, 0] == 0).all()  # before any phrase: nothing
+    # word_gates gives the weights of that pool: at </p>, the gated mean of words 2, 3 and 4.
+    with torch.no_grad():
+        gates = head.word_gates(embeds[0, 2:5])
+    expected = (gates[:, None] * embeds[0, 2:5]).sum(0) / gates.sum()
+    torch.testing.assert_close(gated[0, 5], expected)
     # Without gated_phrase there are three pools and no gate.
-    assert len(PhraseRelationHead(16, 16, num_heads=2).pools(ids, embeds, **_MARKERS)) == 3
+    plain = PhraseRelationHead(16, 16, num_heads=2)
+    assert len(plain.pools(ids, embeds, **_MARKERS)) == 3
+    with pytest.raises(ValueError, match="gated_phrase=True"):
+        plain.word_gates(embeds[0, 2:5])
 
 
 _MARKERS = dict(phrase_start=P, phrase_end=Q)
@@ -209,8 +217,6 @@ def test_gated_phrase_learns_to_drop_the_anchor_words():
     relation, vocab = trained["pointer"].relation, trained["vocab"]
     words = torch.tensor([0, 1, 6, 5, 0, 2])  # "the A left of the B"
     with torch.no_grad():  # each word's gate, from its context within the phrase
-        x = relation.in_norm(vocab[words] + relation.position(torch.arange(6)))[None, None]
-        causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
-        gate = torch.sigmoid(relation._word_logits(x, causal)[0, 0, :, 3])
+        gate = relation.word_gates(vocab[words])
     subject, anchor = gate[1].item(), gate[5].item()  # "A", "B"
     assert subject > 2 * anchor
