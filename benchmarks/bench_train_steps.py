@@ -6,9 +6,10 @@ JSON.
 
 Rows:
 
-- ``stage1 loader workers``: stage-1 training steps (the dumped stage-1 config, from its final
-  checkpoint) with 1 and with 2 data-loader workers, in alternating blocks of ``--steps``; on 2
-  CPU cores the second worker competes with training for the cores.
+- ``stage1 / stage3 loader workers``: training steps (the dumped config, from its final
+  checkpoint; stage 3 with the perception cache warmed with every training image) loading in
+  the main process (0 workers) and with 2 data-loader workers, in alternating blocks of
+  ``--steps``; on 2 CPU cores the workers compete with the step's two compute threads.
 - ``mask pixels``: forward and backward of the mask head's pixel embeddings (stem on the image +
   pyramid levels) for the images whose answers cite a region, against every image of the batch,
   on stage-3 training batches (the final stage-3 model). Pixels of an image do not
@@ -16,10 +17,10 @@ Rows:
   mask branch (embeddings of the cited images, per-region logits, losses) for scale.
 
 - ``stage3 sampler``: stage-3 training steps (the final stage-3 model, perception cache warmed
-  with every training image first) with batches drawn by ``LengthGroupedSampler`` (the
-  default: shuffled, then each group of 8 batches sorted by record length) against
-  ``InfiniteSampler`` (shuffled), in alternating blocks of ``--steps``; also the share of the
-  LLM's positions that are not padding under each.
+  with every training image first) with batches drawn by ``LengthGroupedSampler`` (opt-in:
+  shuffled, then each group of 8 batches sorted by record length) against ``InfiniteSampler``
+  (shuffled; the default), in alternating blocks of ``--steps``; also the share of the LLM's
+  positions that are not padding under each.
 
 Machines like this one are noisy: compare the two columns of a row, not runs.
 """
@@ -45,9 +46,14 @@ from mmengine.dataset import pseudo_collate  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from groma_px.mask_head import mask_losses  # noqa: E402
 from groma_px.models.masks import cited_regions, padded_targets  # noqa: E402
-from region_proposer.runtime import build_runner, patch_checkpoint_loader  # noqa: E402
+from region_proposer.runtime import (  # noqa: E402
+    build_runner,
+    optim_wrapper_for_device,
+    patch_checkpoint_loader,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_train_steps.json"
+STAGES = ("stage1", "stage3")
 
 
 def _dumped(work_dir: Path, stage: str) -> tuple[Config, Path]:
@@ -67,23 +73,33 @@ def _dumped(work_dir: Path, stage: str) -> tuple[Config, Path]:
     return cfg, checkpoints[-1]
 
 
-def _runner(cfg: Config, checkpoint: Path):
+def _runner(cfg: Config, checkpoint: Path, **device):
+    """The runner with ``checkpoint`` loaded, and the config's optim wrapper for this device
+    (``optim_wrapper_for_device``; ``device``: its ``cuda``/``cpu_bf16`` overrides)."""
     runner = build_runner(cfg)
     runner.load_checkpoint(str(checkpoint))
-    return runner, runner.build_optim_wrapper(cfg.optim_wrapper)
+    return runner, runner.build_optim_wrapper(optim_wrapper_for_device(cfg.optim_wrapper, **device))
 
 
-def loader_workers(work_dir: Path, steps: int, rounds: int) -> dict:
-    """Seconds per stage-1 training step with 1 and 2 loader workers (median block)."""
-    cfg, checkpoint = _dumped(work_dir, "stage1")
+def loader_workers(work_dir: Path, stage: str, steps: int, rounds: int) -> dict:
+    """Seconds per training step of ``stage`` loading in the main process (0 workers) and
+    with 2 loader workers (median block)."""
+    cfg, checkpoint = _dumped(work_dir, stage)
     runner, optim = _runner(cfg, checkpoint)
     model = runner.model.train()
     iterators = {}
-    for workers in (1, 2):
+    for workers in (0, 2):
         loader_cfg = copy.deepcopy(cfg.train_dataloader)
         loader_cfg.num_workers = workers
+        loader_cfg.persistent_workers = workers > 0
         iterators[workers] = iter(runner.build_dataloader(loader_cfg))
-    blocks = _alternate(model, optim, iterators, steps, rounds, "stage 1, {} worker(s)")
+    if stage != "stage1":
+        _warm_perception(
+            model,
+            runner.build_dataloader(cfg.train_dataloader).dataset,
+            cfg.train_dataloader.batch_size,
+        )
+    blocks = _alternate(model, optim, iterators, steps, rounds, f"{stage}, {{}} worker(s)")
     medians = {f"workers_{w}_s": statistics.median(v) for w, v in blocks.items()}
     return medians | {"blocks": {str(w): v for w, v in blocks.items()}}
 
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--work-dir", type=Path, required=True, help="a finished quickstart")
-    parser.add_argument("--steps", type=int, default=15, help="stage-1 steps per block")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per block")
     parser.add_argument("--rounds", type=int, default=4, help="blocks per worker count")
     parser.add_argument("--batches", type=int, default=6, help="stage-3 batches")
     parser.add_argument("--repeats", type=int, default=3, help="timings per batch")
@@ -219,11 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     patch_checkpoint_loader()
     torch.manual_seed(0)
-    workers = loader_workers(args.work_dir, args.steps, args.rounds)
+    workers = {s: loader_workers(args.work_dir, s, args.steps, args.rounds) for s in STAGES}
     pixels = mask_pixels(args.work_dir, args.batches, args.repeats)
     sampler = stage3_sampler(args.work_dir, args.steps, args.rounds)
     rows = [
-        ("stage1 step, loader workers 1 vs 2", workers["workers_1_s"], workers["workers_2_s"]),
+        *(
+            (f"{s} step, loader workers 0 vs 2", w["workers_0_s"], w["workers_2_s"])
+            for s, w in workers.items()
+        ),
         ("mask pixels fwd+bwd, cited vs all images", pixels["cited_s"], pixels["all_s"]),
         (
             "stage3 step, length-grouped vs shuffled",
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "work_dir": str(args.work_dir),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "stage1_loader_workers": workers,
+        "loader_workers": workers,
         "mask_pixels": pixels,
         "stage3_sampler": sampler,
         "ratios": {name: new / old for name, new, old in rows},

@@ -111,11 +111,28 @@ def _existing_data(data_root: Path, args: argparse.Namespace) -> dict | None:
     return meta if same and all((data_root / f"{k}.jsonl").is_file() for k in wanted) else None
 
 
-def _train_stage1(data_root: Path, work_dir: Path, iters: int | None) -> tuple[dict, list[str]]:
+def _loader_options(cfg: Config, workers: int | None) -> dict[str, int | bool]:
+    """Config options setting the data-loader workers of every split ``cfg`` loads (none for
+    ``workers=None``: the config's own)."""
+    options: dict[str, int | bool] = {}
+    if workers is None:
+        return options
+    for split in SPLITS:
+        if cfg.get(f"{split}_dataloader") is None:  # no validation in the chat stages
+            continue
+        options[f"{split}_dataloader.num_workers"] = workers
+        options[f"{split}_dataloader.persistent_workers"] = workers > 0
+    return options
+
+
+def _train_stage1(
+    data_root: Path, work_dir: Path, iters: int | None, workers: int | None = None
+) -> tuple[dict, list[str]]:
     """Trains and tests the stage-1 proposer; returns test metrics and region-set pictures."""
     patch_checkpoint_loader()
     cfg = Config.fromfile(str(STAGE1_CONFIG))
     options = {f"{split}_dataloader.dataset.data_root": str(data_root) for split in SPLITS}
+    options.update(_loader_options(cfg, workers))
     if iters is not None:
         options.update(
             {
@@ -192,6 +209,7 @@ def _train_chat(
         iters=args.stage2_iters,
         validate=False,
     )
+    apply_cfg_options(cfg2, _loader_options(cfg2, args.loader_workers))
     apply_cfg_options(cfg2, args.cfg_options)
     _, _, ckpt2 = train_stage(cfg2)
     timings["stage2_s"] = time.perf_counter() - t
@@ -205,6 +223,7 @@ def _train_chat(
         iters=args.stage3_iters,
         validate=False,
     )
+    apply_cfg_options(cfg3, _loader_options(cfg3, args.loader_workers))
     apply_cfg_options(cfg3, args.cfg_options)
     runner, _, ckpt3 = train_stage(cfg3)
     timings["stage3_s"] = time.perf_counter() - t
@@ -229,7 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes generating the synthetic data",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        help="data-loader workers of every stage (default: the configs', 2; 0 loads in the "
+        "main process)",
+    )
     parser.add_argument("--num-region-tokens", type=int, default=100)
     parser.add_argument("--stage1-iters", type=int, default=600, help="stage-1 iterations")
     parser.add_argument("--stage2-iters", type=int, default=80, help="stage-2 iterations")
@@ -248,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         help="overrides of the stage-2 and stage-3 configs (keys must exist)",
     )
     args = parser.parse_args(argv)
+    if args.loader_workers is not None and args.loader_workers < 0:
+        parser.error(f"--loader-workers {args.loader_workers}: must be 0 or more")
     for config in (STAGE2_CONFIG, STAGE3_CONFIG):  # a misspelt key fails now, not after stage 1
         apply_cfg_options(Config.fromfile(str(config)), args.cfg_options)
     work_dir, timings = Path(args.work_dir), {}
@@ -302,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         t = _step(f"5/{STEPS} stage 1: training the region proposer -> {work_dir / 'stage1'}")
-        stage1, region_sets = _train_stage1(data_root, work_dir / "stage1", args.stage1_iters)
+        stage1, region_sets = _train_stage1(
+            data_root, work_dir / "stage1", args.stage1_iters, args.loader_workers
+        )
         checkpoint1 = work_dir / "stage1" / f"iter_{args.stage1_iters}.pth"
     timings["stage1_s"] = time.perf_counter() - t
     for key, value in sorted(stage1.items()):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mmengine.config import Config
 from transformers import AutoTokenizer
 
 from groma_px.llm.vocab import GroundingVocab
@@ -37,6 +38,8 @@ def quickstart_dir(tmp_path_factory):
         "12",
         "--workers",
         "2",
+        "--loader-workers",
+        "0",
         "--num-region-tokens",
         "16",
         "--stage1-iters",
@@ -75,6 +78,12 @@ def test_quickstart_outputs(quickstart_dir):
     assert len(ids.regions) == 16 and len(tokenizer) == summary["tokenizer"]["size"]
     stage1 = summary["stage1"]
     assert 0.0 <= stage1["test"]["proposer/AR@100"] <= 1.0
+    # --loader-workers 0: every stage loads in the main process.
+    for stage in ("stage1", "stage2", "stage3"):
+        (dumped,) = (quickstart_dir / stage).glob("*.py")
+        cfg = Config.fromfile(str(dumped))
+        for loader in (cfg.train_dataloader, cfg.test_dataloader):
+            assert (loader.num_workers, loader.persistent_workers) == (0, False), stage
     assert len(stage1["region_sets"]) == 4 and all(Path(p).is_file() for p in stage1["region_sets"])
 
 
@@ -119,6 +128,11 @@ def test_quickstart_reuses_a_stage1_and_overrides_the_chat_configs(quickstart_di
     for stage in ("stage2", "stage3"):
         (dumped,) = (work / stage).glob("*.py")
         assert "region_loss_weight=2.5" in dumped.read_text()
+        cfg = Config.fromfile(str(dumped))  # without --loader-workers: the config's
+        assert (cfg.train_dataloader.num_workers, cfg.train_dataloader.persistent_workers) == (
+            2,
+            True,
+        )
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["proposer/AR@100"] == first["metrics"]["proposer/AR@100"]
     assert 0.0 <= metrics["rec/acc@0.5"] <= 1.0
@@ -134,6 +148,9 @@ def test_quickstart_refuses_a_stage1_trained_on_other_data(quickstart_dir, tmp_p
     misspelt = tmp_path / "misspelt"
     proc = _run(*_quickstart_args(misspelt), "--cfg-options", "model.region_los_weight=2.5")
     assert proc.returncode != 0 and "region_los_weight" in proc.stderr
+    assert not misspelt.exists()
+    proc = _run(*_quickstart_args(misspelt), "--loader-workers", "-1")
+    assert proc.returncode != 0 and "--loader-workers -1: must be 0 or more" in proc.stderr
     assert not misspelt.exists()
 
 
@@ -216,8 +233,9 @@ def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path)
         [*args, "--steps", "1", "--rounds", "2", "--batches", "2", "--repeats", "1"]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    workers = result["stage1_loader_workers"]
-    assert {len(workers["blocks"][w]) for w in ("1", "2")} == {2}
+    for stage in ("stage1", "stage3"):
+        workers = result["loader_workers"][stage]
+        assert {len(workers["blocks"][w]) for w in ("0", "2")} == {2}
     pixels = result["mask_pixels"]
     assert 1 <= pixels["cited_images_per_batch"] <= pixels["batch_size"]
     assert min(pixels["cited_s"], pixels["all_s"], pixels["mask_loss_s"]) > 0
@@ -226,9 +244,25 @@ def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path)
     # Grouping by length pads less (the tiny run's records differ enough in length).
     assert 0 < sampler["shuffled_real_positions"] < sampler["length_grouped_real_positions"] <= 1
     assert set(result["ratios"]) == {
-        "stage1 step, loader workers 1 vs 2",
+        "stage1 step, loader workers 0 vs 2",
+        "stage3 step, loader workers 0 vs 2",
         "mask pixels fwd+bwd, cited vs all images",
         "stage3 step, length-grouped vs shuffled",
     }
     with pytest.raises(FileNotFoundError, match="quickstart"):
         bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
+
+
+def test_bench_autocast_times_both_precisions_on_the_quickstart_stages(quickstart_dir, tmp_path):
+    out = tmp_path / "autocast.json"
+    result = _bench("bench_autocast").main(
+        ["--work-dir", str(quickstart_dir), "--steps", "1", "--rounds", "2", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for stage in ("stage1", "stage3"):
+        timing = result["stages"][stage]
+        assert {len(timing["blocks"][p]) for p in ("fp32", "bf16")} == {2}
+        assert min(timing["fp32_s"], timing["bf16_s"]) > 0
+        # bf16 products change the loss a little, not wholesale.
+        assert 0 < timing["loss_rel_difference"] < 0.1
+    assert set(result["ratios"]) == {"stage1", "stage3"}
