@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_steps import _alternate, _dumped, _runner, _warm_perception  # noqa: E402
+from bench_train_steps import STAGES, _alternate, _dumped, _runner, _warm_perception  # noqa: E402
 
 from region_proposer.optim import cpu_has_fast_bf16  # noqa: E402
 from region_proposer.runtime import patch_checkpoint_loader  # noqa: E402
@@ -45,18 +45,19 @@ class _Both:
         return self.model.train_step(data, self.wrappers[self.current])
 
 
-def _loss_difference(model, batches: list, autocast: torch.autocast) -> float:
-    """Median over ``batches`` of |loss_bf16 - loss_fp32| / |loss_fp32| (forward only)."""
+def _loss_difference(model, batches: list, bf16) -> float:
+    """Median over ``batches`` of |loss_bf16 - loss_fp32| / |loss_fp32| (forward only; bf16:
+    inside the ``bf16`` wrapper's ``optim_context``, as its training steps run)."""
     diffs = []
     with torch.no_grad():
         for data in batches:
             torch.manual_seed(0)
-            fp32 = model._run_forward(model.data_preprocessor(data, True), mode="loss")
+            full = model._run_forward(model.data_preprocessor(data, True), mode="loss")
             torch.manual_seed(0)
-            with autocast:
-                bf16 = model._run_forward(model.data_preprocessor(data, True), mode="loss")
-            ref, low = model.parse_losses(fp32)[0], model.parse_losses(bf16)[0]
-            diffs.append(float((low.float() - ref).abs() / ref.abs().clamp(min=1e-8)))
+            with bf16.optim_context(model):
+                low = model._run_forward(model.data_preprocessor(data, True), mode="loss")
+            ref, cast = model.parse_losses(full)[0], model.parse_losses(low)[0]
+            diffs.append(float((cast.float() - ref).abs() / ref.abs().clamp(min=1e-8)))
     return statistics.median(diffs)
 
 
@@ -83,9 +84,7 @@ def stage_steps(work_dir: Path, stage: str, steps: int, rounds: int) -> dict:
         f"{stage}, {{}}",
         on_block=lambda key: setattr(both, "current", key),
     )
-    difference = _loss_difference(
-        model, [next(batches) for _ in range(3)], torch.autocast("cpu", dtype=torch.bfloat16)
-    )
+    difference = _loss_difference(model, [next(batches) for _ in range(3)], bf16)
     medians = {f"{k}_s": statistics.median(v) for k, v in blocks.items()}
     return medians | {"loss_rel_difference": difference, "blocks": blocks}
 
@@ -101,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     patch_checkpoint_loader()
     torch.manual_seed(0)
-    stages = {
-        s: stage_steps(args.work_dir, s, args.steps, args.rounds) for s in ("stage1", "stage3")
-    }
+    stages = {s: stage_steps(args.work_dir, s, args.steps, args.rounds) for s in STAGES}
     print(
         f"\n{'training step':<16} {'bf16 s':>8} {'fp32 s':>8} {'bf16/fp32':>10} {'loss diff':>10}"
     )
