@@ -38,6 +38,7 @@ from groma_px.engine.stages import (
     export_runner_model,
     print_table,
     prompt_caption_accuracy,
+    release_loader_workers,
     train_stage,
 )
 from groma_px.inference import GroundedChat
@@ -137,13 +138,17 @@ def _train_stage1(
         options.update(
             {
                 "train_cfg.max_iters": iters,
-                "train_cfg.val_interval": iters,
                 # The config's warm-up share (200 of 1,800 iterations) and decay at 80 %.
                 "param_scheduler.0.end": max(1, iters // 9),
                 "param_scheduler.1.milestones": [int(iters * 0.8)],
             }
         )
     apply_cfg_options(cfg, options)
+    # The quickstart reports the test split: no validation pass at the end of training (20 s)
+    # and so no best-checkpoint bookkeeping.
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    for key in ("save_best", "rule"):
+        cfg.default_hooks.checkpoint.pop(key, None)
     cfg.work_dir = str(work_dir)
     configure_for_device(cfg)
     runner = Runner.from_cfg(cfg)
@@ -153,6 +158,7 @@ def _train_stage1(
     pictures = draw_proposals(
         runner.model, runner.test_dataloader, work_dir / "region_sets", num_images=4, **selection
     )
+    release_loader_workers(runner)
     return {k: float(v) for k, v in metrics.items()}, [str(p) for p in pictures]
 
 
@@ -234,6 +240,7 @@ def _train_chat(
     examples = draw_predictions(runner, work_dir / "examples")
     # Box, point and mask prompts on the exported model: does the caption name the object?
     test.update(prompt_caption_accuracy(GroundedChat.from_pretrained(model_dir), data_root))
+    release_loader_workers(runner)
     timings["evaluate_s"] = time.perf_counter() - t
     print(f"  model -> {model_dir}; {len(examples)} example answers -> {work_dir / 'examples'}")
     return {"test": test, "checkpoints": [ckpt2, ckpt3], "examples": examples}

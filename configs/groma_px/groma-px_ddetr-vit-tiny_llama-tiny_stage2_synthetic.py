@@ -73,7 +73,8 @@ val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.0),
+    # fused AdamW: 7.5 ms per stage-3 step against 31.6 ms per-tensor (docs/NOTES.md).
+    optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.0, fused=True),
     clip_grad=dict(max_norm=1.0),
 )
 param_scheduler = [

@@ -69,12 +69,45 @@ def chat_config(
     return cfg
 
 
+def release_loader_workers(
+    runner: Runner, loops: tuple[str, ...] = ("train", "val", "test")
+) -> int:
+    """Stops the data-loader worker processes of the runner's ``loops`` now; returns how many
+    loader iterators it shut down.
+
+    A persistent loader's workers (and the iterator of an iteration-based train loop) otherwise
+    live until the garbage collector breaks the runner's reference cycles. Finalised in that
+    order, the workers no longer hear the shutdown request, and torch waits for each of them for
+    ``MP_STATUS_CHECK_INTERVAL`` (5 s) before terminating it: in the quickstart, 30 s between
+    stages 1 and 2 (six workers), spent inside the next runner's constructor (docs/NOTES.md).
+    Call it when a loop is done with (a loop iterated again starts new workers; the train loop
+    must not train again).
+    """
+    iterators: dict[int, Any] = {}
+    for name in loops:
+        loop = getattr(runner, f"_{name}_loop", None)
+        if loop is None or isinstance(loop, dict):  # never built
+            continue
+        loader = getattr(loop, "dataloader", None)
+        for holder in (getattr(loop, "dataloader_iterator", None), loader):
+            iterator = getattr(holder, "_iterator", None)
+            if hasattr(iterator, "_shutdown_workers") and not iterator._shutdown:
+                iterators[id(iterator)] = iterator
+        if getattr(loader, "_iterator", None) is not None:  # persistent workers
+            loader._iterator = None  # the next epoch starts new ones
+    for iterator in iterators.values():
+        iterator._shutdown_workers()
+    return len(iterators)
+
+
 def train_stage(cfg: Config, *, test: bool = False) -> tuple[Runner, dict[str, float], str]:
-    """Trains ``cfg``; returns the runner, test metrics (if ``test``) and the last checkpoint."""
+    """Trains ``cfg``; returns the runner, test metrics (if ``test``) and the last checkpoint.
+    The train loop's loader workers are stopped after training (``release_loader_workers``)."""
     patch_checkpoint_loader()
     configure_for_device(cfg)  # bf16 autocast where the CPU has it (optim_wrapper_for_device)
     runner = Runner.from_cfg(cfg)
     runner.train()
+    release_loader_workers(runner, ("train",))
     metrics = {k: float(v) for k, v in runner.test().items()} if test else {}
     checkpoint = Path(cfg.work_dir) / f"iter_{cfg.train_cfg.max_iters}.pth"
     if not checkpoint.is_file():
