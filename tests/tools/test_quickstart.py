@@ -266,3 +266,21 @@ def test_bench_autocast_times_both_precisions_on_the_quickstart_stages(quickstar
         # bf16 products change the loss a little, not wholesale.
         assert 0 < timing["loss_rel_difference"] < 0.1
     assert set(result["ratios"]) == {"stage1", "stage3"}
+
+
+def test_bench_optimizer_times_the_adamw_variants_on_the_quickstart_stages(
+    quickstart_dir, tmp_path
+):
+    out = tmp_path / "optimizer.json"
+    result = _bench("bench_optimizer").main(
+        ["--work-dir", str(quickstart_dir), "--steps", "2", "--rounds", "2", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for stage in ("stage1", "stage3"):
+        timing = result["stages"][stage]
+        assert timing["parameters"] > 0 and timing["tensors"] > 1
+        assert {len(v) for v in timing["blocks"].values()} == {2}
+        assert min(timing[f"{v}_ms"] for v in ("per_tensor", "foreach", "fused")) > 0
+        # The same update: the variants differ by rounding only (lr 1e-3 or 4e-4 steps).
+        assert timing["max_abs_difference"] < 1e-6
+    assert set(result["ratios"]) == {"stage1", "stage3"}
