@@ -6,8 +6,8 @@ test_cfg = dict(type="TestLoop")
 
 optim_wrapper = dict(
     type="OptimWrapper",
-    # fused: one kernel for all parameters (CPU and CUDA); a stage-1 step of the tiny proposer
-    # took 3.4 ms of optimizer time against 12.7 ms per-tensor (docs/NOTES.md).
+    # fused: one kernel for all parameters (CPU and CUDA); over the tiny proposer's parameters
+    # a step took 3.55 ms against 12.7-13.3 ms per-tensor (benchmarks/bench_optimizer.py).
     optimizer=dict(type="AdamW", lr=4e-4, weight_decay=1e-4, fused=True),
     clip_grad=dict(max_norm=0.1, norm_type=2),
 )
