@@ -15,7 +15,6 @@ reported: the relative difference of the loss of the same batches computed in bf
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,15 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_steps import STAGES, _alternate, _dumped, _runner, _warm_perception  # noqa: E402
+from bench_oracle_proposals import write_result  # noqa: E402
+from bench_train_steps import (  # noqa: E402
+    STAGES,
+    _alternate,
+    _dumped,
+    _runner,
+    _warm_perception,
+    machine_result,
+)
 
 from region_proposer.optim import cpu_has_fast_bf16  # noqa: E402
 from region_proposer.runtime import patch_checkpoint_loader  # noqa: E402
@@ -110,19 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:<16} {r['bf16_s']:>8.3f} {r['fp32_s']:>8.3f} {ratio:>10.3f} "
             f"{r['loss_rel_difference']:>10.2e}"
         )
-    result = {
-        "what": "bf16 autocast vs fp32 training steps of the quickstart, alternately in one run",
-        "work_dir": str(args.work_dir),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_has_fast_bf16": cpu_has_fast_bf16(),
-        "stages": stages,
-        "ratios": {name: r["bf16_s"] / r["fp32_s"] for name, r in stages.items()},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
-    return result
+    result = machine_result(
+        "bf16 autocast vs fp32 training steps of the quickstart, alternately in one run",
+        args.work_dir,
+        cpu_has_fast_bf16=cpu_has_fast_bf16(),
+        stages=stages,
+        ratios={name: r["bf16_s"] / r["fp32_s"] for name, r in stages.items()},
+    )
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ agree to ``max_abs_difference``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_steps import STAGES, _dumped, _runner  # noqa: E402
+from bench_oracle_proposals import write_result  # noqa: E402
+from bench_train_steps import STAGES, _dumped, _runner, machine_result  # noqa: E402
 
 from region_proposer.runtime import patch_checkpoint_loader  # noqa: E402
 
@@ -111,18 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{stage:<8} {r['parameters']:>10} {r['per_tensor_ms']:>14.2f} {r['foreach_ms']:>11.2f}"
             f" {r['fused_ms']:>9.2f} {r['fused_ms'] / r['per_tensor_ms']:>17.3f}"
         )
-    result = {
-        "what": "AdamW step over the quickstart's trainable parameters, variants alternately",
-        "work_dir": str(args.work_dir),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "stages": stages,
-        "ratios": {s: r["fused_ms"] / r["per_tensor_ms"] for s, r in stages.items()},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
-    return result
+    result = machine_result(
+        "AdamW step over the quickstart's trainable parameters, variants alternately",
+        args.work_dir,
+        stages=stages,
+        ratios={s: r["fused_ms"] / r["per_tensor_ms"] for s, r in stages.items()},
+    )
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

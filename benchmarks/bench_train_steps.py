@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -44,6 +43,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_oracle_proposals import write_result  # noqa: E402
+
 from groma_px.mask_head import mask_losses  # noqa: E402
 from groma_px.models.masks import cited_regions, padded_targets  # noqa: E402
 from region_proposer.runtime import (  # noqa: E402
@@ -79,6 +81,18 @@ def _runner(cfg: Config, checkpoint: Path, **device):
     runner = build_runner(cfg)
     runner.load_checkpoint(str(checkpoint))
     return runner, runner.build_optim_wrapper(optim_wrapper_for_device(cfg.optim_wrapper, **device))
+
+
+def machine_result(what: str, work_dir: Path, **fields: Any) -> dict:
+    """A benchmark's JSON: ``what``, the quickstart run it measured, this machine's threads and
+    cores, then ``fields`` (written with ``bench_oracle_proposals.write_result``)."""
+    return {
+        "what": what,
+        "work_dir": str(work_dir),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        **fields,
+    }
 
 
 def loader_workers(work_dir: Path, stage: str, steps: int, rounds: int) -> dict:
@@ -262,20 +276,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sampler['length_grouped_real_positions']:.3f}, shuffled "
         f"{sampler['shuffled_real_positions']:.3f}"
     )
-    result = {
-        "what": "training-step costs of the quickstart, alternately measured in one run",
-        "work_dir": str(args.work_dir),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loader_workers": workers,
-        "mask_pixels": pixels,
-        "stage3_sampler": sampler,
-        "ratios": {name: new / old for name, new, old in rows},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
-    return result
+    result = machine_result(
+        "training-step costs of the quickstart, alternately measured in one run",
+        args.work_dir,
+        loader_workers=workers,
+        mask_pixels=pixels,
+        stage3_sampler=sampler,
+        ratios={name: new / old for name, new, old in rows},
+    )
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

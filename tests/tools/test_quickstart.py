@@ -84,6 +84,12 @@ def test_quickstart_outputs(quickstart_dir):
         cfg = Config.fromfile(str(dumped))
         for loader in (cfg.train_dataloader, cfg.test_dataloader):
             assert (loader.num_workers, loader.persistent_workers) == (0, False), stage
+    # Stage 1 is tested, not validated too: no validation loop, no best checkpoint.
+    (dumped,) = (quickstart_dir / "stage1").glob("*.py")
+    cfg = Config.fromfile(str(dumped))
+    assert cfg.val_cfg is None and cfg.val_dataloader is None
+    assert "save_best" not in cfg.default_hooks.checkpoint
+    assert not list((quickstart_dir / "stage1").glob("best_*.pth"))
     assert len(stage1["region_sets"]) == 4 and all(Path(p).is_file() for p in stage1["region_sets"])
 
 
