@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loader-workers",
         type=int,
-        help="data-loader workers of every stage (default: the configs', 2; 0 loads in the "
-        "main process)",
+        help="data-loader workers of every stage (default: the configs', 0: the main process "
+        "loads from decoded images it keeps)",
     )
     parser.add_argument("--num-region-tokens", type=int, default=100)
     parser.add_argument("--stage1-iters", type=int, default=600, help="stage-1 iterations")

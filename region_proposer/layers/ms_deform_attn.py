@@ -106,12 +106,22 @@ def _attend_chunk(level_values: list[Tensor], grids: Tensor, weights: Tensor) ->
     Returns:
         (B*M, D, Qc) attended values.
     """
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (grids, weights, *level_values)
+    )
     first = level_values[0]
-    output = first.new_zeros(first.shape[0], first.shape[1], grids.shape[-2])
+    output = None if differentiable else first.new_zeros(*first.shape[:2], grids.shape[-2])
     for level, level_value in enumerate(level_values):
         sampled = F.grid_sample(
             level_value, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (B*M, D, P, Qc)
+        if differentiable:
+            # One product and sum per level: the per-point form below would make backward
+            # allocate and zero a gradient the size of ``sampled`` for every point
+            # (select_backward), 40 ms of a 0.65 s stage-1 step.
+            term = (sampled * weights[level].permute(1, 2, 0, 3)).sum(2)
+            output = term if output is None else output + term
+            continue
         # One fused multiply-add per point into the output: no stacked or weighted copy of the
         # samples (the transformers reference stacks all levels, multiplies, then sums).
         for point in range(sampled.shape[2]):

@@ -246,3 +246,74 @@ def test_bfloat16_on_gpu_matches_bare_model() -> None:
     ids = base_ids().cuda()
     bare = lm.hf_model(input_ids=ids).logits
     torch.testing.assert_close(logits_of(lm, ids)[..., :FIRST_NEW], bare[..., :FIRST_NEW])
+
+
+def test_length_groups_of_picks_the_fewest_positions() -> None:
+    from groma_px.llm.adapter import length_groups_of
+
+    lengths = [10, 9, 9, 4, 4, 3, 1]
+    assert length_groups_of(lengths, 1) == [(0, 7)]
+    # Two groups: {10, 9, 9} and the rest, 3 * 10 + 4 * 4 = 46 positions.
+    assert length_groups_of(lengths, 2) == [(0, 3), (3, 7)]
+    assert length_groups_of(lengths, 3) == [(0, 3), (3, 6), (6, 7)]  # 30 + 12 + 1
+    assert length_groups_of([5, 5, 5], 3) == [(0, 3)]  # no gain from more groups
+    assert length_groups_of([], 2) == []
+    with pytest.raises(ValueError, match="must not increase"):
+        length_groups_of([3, 5], 2)
+    with pytest.raises(ValueError, match="max_groups"):
+        length_groups_of([3], 0)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_length_groups_give_the_padded_batch_outputs_and_gradients(groups: int) -> None:
+    torch.manual_seed(3)
+    lengths = [5, 12, 3, 12, 9, 1]
+    ids = torch.randint(0, FIRST_NEW + NUM_NEW, (len(lengths), 12))
+    mask = (torch.arange(12) < torch.tensor(lengths)[:, None]).long()
+    outputs = {}
+    for key in (1, groups):
+        lm = tiny_lm(length_groups=key).train()
+        calls = []
+        hook = lm.hf_model.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[:2]),
+            with_kwargs=True,
+        )
+        embeds = lm.embed_tokens(ids).detach().requires_grad_()
+        out = lm(embeds, attention_mask=mask)
+        hook.remove()
+        real = mask.bool()
+        (out.logits[real].square().sum() + out.hidden_states[real].sum()).backward()
+        grads = {name: p.grad for name, p in lm.named_parameters() if p.grad is not None}
+        outputs[key] = (out, embeds.grad, grads, calls)
+    (out1, embeds1, grads1, calls1), (out_g, embeds_g, grads_g, calls_g) = outputs.values()
+    real = mask.bool()
+    torch.testing.assert_close(out_g.logits[real], out1.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_g.hidden_states[real], out1.hidden_states[real])
+    assert not out_g.hidden_states[5, 5:].any()  # beyond its group's cut (5): zeros
+    torch.testing.assert_close(embeds_g, embeds1, atol=1e-5, rtol=1e-5)
+    assert grads_g.keys() == grads1.keys()
+    for name in grads1:  # the same sums in another order: float32 rounding only
+        scale = float(grads1[name].abs().max())
+        torch.testing.assert_close(grads_g[name], grads1[name], atol=1e-4 * scale, rtol=1e-4)
+    assert calls1 == [(6, 12)]
+    # Sorted lengths 12, 12, 9, 5, 3, 1: two groups cover 3 * 12 + 3 * 5 = 51 positions
+    # (72 padded), three 36 + 5 + 2 * 3 = 47 (tied with 36 + 2 * 5 + 1; the first is kept).
+    expected = {2: [(3, 12), (3, 5)], 3: [(3, 12), (1, 5), (2, 3)]}
+    assert calls_g == expected[groups]
+
+
+def test_length_groups_leave_left_padding_and_cached_calls_alone() -> None:
+    lm = tiny_lm(length_groups=4)
+    calls = []
+    lm.hf_model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[:2]),
+        with_kwargs=True,
+    )
+    ids = base_ids()
+    left = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    lm(lm.embed_tokens(ids), attention_mask=left)
+    right = left.flip(-1)
+    lm(lm.embed_tokens(ids), attention_mask=right, use_cache=True)
+    assert calls == [(2, 7), (2, 7)]  # one padded call each
+    with pytest.raises(ValueError, match="length_groups"):
+        tiny_lm(length_groups=0)

@@ -55,6 +55,20 @@ def test_gradients_match_transformers_reference(chunk):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_differentiable_and_inference_paths_agree(chunk):
+    """With gradients the levels are summed as products (no per-point in-place adds, whose
+    backward zero-fills a sample-sized gradient per point); without, in place. Same values."""
+    value, loc, weights = (t.float() for t in _inputs(seed=3))
+    with torch.no_grad():
+        inference = multi_scale_deformable_attention(value, SHAPES, loc, weights, chunk)
+    trained = multi_scale_deformable_attention(
+        value.requires_grad_(), SHAPES, loc, weights, query_chunk=chunk
+    )
+    assert trained.requires_grad and not inference.requires_grad
+    torch.testing.assert_close(trained, inference, atol=1e-6, rtol=1e-5)
+
+
 def test_float32_within_tolerance_and_shape_check():
     value, loc, weights = (t.float() for t in _inputs(batch=1, seed=2))
     ours = multi_scale_deformable_attention(value, SHAPES, loc, weights)

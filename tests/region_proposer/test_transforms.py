@@ -107,6 +107,43 @@ def test_pack_and_errors(results, tmp_path):
         RandomCrop(crop_ratio_range=(0.0, 1.0))
 
 
+def test_load_image_cache_decodes_once_and_sees_changed_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import region_proposer.pretrain.transforms as transforms
+
+    decoded = []
+    real_load = transforms.load_rgb
+    monkeypatch.setattr(
+        transforms, "load_rgb", lambda path: decoded.append(path) or real_load(path)
+    )
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):  # 20 x 20 x 3 = 1,200 bytes each
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(path)
+    load = LoadImage(cache_mb=2500 / 2**20)  # room for two images
+    first = [load({"img_path": str(p)})["img"] for p in paths]
+    again = [load({"img_path": str(p)})["img"] for p in paths]
+    assert decoded == [str(p) for p in paths + paths[2:]]  # the third did not fit
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again[0] is first[0] and not again[0].flags.writeable  # cached arrays are read-only
+    with pytest.raises(ValueError, match="read-only"):
+        again[0][0, 0, 0] = 1
+    # Resize, flip and pack make new arrays from a cached image.
+    out = RandomFlip(prob=1.0)(Resize(max_size=10)(load({"img_path": str(paths[0])})))
+    assert out["img"].flags.writeable and out["img"].shape == (10, 10, 3)
+    # A file that changed is decoded again and replaces the stale array.
+    Image.fromarray(np.full((20, 21, 3), 7, dtype=np.uint8)).save(paths[0])
+    changed = load({"img_path": str(paths[0])})["img"]
+    assert changed.shape == (20, 21, 3) and int(changed.max()) == 7
+    assert load({"img_path": str(paths[0])})["img"] is changed
+    assert repr(LoadImage()) == "LoadImage(cache_mb=0)"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load({"img_path": str(tmp_path / "missing.png")})
+    with pytest.raises(ValueError, match="cache_mb"):
+        LoadImage(cache_mb=-1)
+
+
 # ------------------------------------------------------------------------------ masks
 def _mask_box(mask):
     """Tight box (pixel edges) of a non-empty (H, W) mask."""

@@ -10,7 +10,7 @@ region_label_fields = ("attributes.size", "attributes.color", "category")
 train_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
     dict(type="RandomVisualPrompts", point_prob=0.2, mask_prob=0.2),  # box/point/mask prompts
-    dict(type="LoadImage"),
+    dict(type="LoadImage", cache_mb=512),  # decoded once per process (synthetic_boxes.py)
     dict(type="Resize", max_size=image_size),
     dict(
         type="PackGroundedChatInputs",
@@ -23,14 +23,16 @@ train_pipeline = [
 ]
 test_pipeline = [
     dict(type="LoadGroundedRecord", with_mask=True),
-    dict(type="LoadImage"),
+    dict(type="LoadImage", cache_mb=512),
     dict(type="Resize", max_size=image_size),
     dict(type="PackGroundedChatInputs", tokenizer=tokenizer_dir, template=template, mode="predict"),
 ]
 train_dataloader = dict(
     batch_size=16,
-    num_workers=2,
-    persistent_workers=True,
+    # In the main process (stage-3 step 0.734 s against 0.815 s with two workers; docs/NOTES.md,
+    # "Length groups, cached images").
+    num_workers=0,
+    persistent_workers=False,
     # dict(type="LengthGroupedSampler", batch_size=16) pads the LLM's batches less (79 % of
     # positions real, 59 % shuffled) but lost relational REC (0.67 -> 0.36; docs/NOTES.md,
     # "Faster evaluation").
@@ -46,7 +48,7 @@ train_dataloader = dict(
 )
 val_dataloader = dict(
     batch_size=32,
-    num_workers=2,
+    num_workers=0,
     persistent_workers=False,
     # Batches of one task: generation runs until a batch's longest answer ends, and in file
     # order nearly every batch held a grounded caption (docs/NOTES.md, "Faster evaluation").
