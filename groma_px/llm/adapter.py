@@ -399,7 +399,7 @@ def length_groups_of(lengths: list[int], max_groups: int) -> list[tuple[int, int
     """
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1, got {max_groups}")
-    if any(a < b for a, b in zip(lengths, lengths[1:])):
+    if any(a < b for a, b in zip(lengths, lengths[1:], strict=False)):
         raise ValueError(f"lengths must not increase, got {lengths}")
     n = len(lengths)
     if n == 0:

@@ -275,7 +275,9 @@ def test_length_groups_give_the_padded_batch_outputs_and_gradients(groups: int) 
         lm = tiny_lm(length_groups=key).train()
         calls = []
         hook = lm.hf_model.get_decoder().register_forward_pre_hook(
-            lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[:2]),
+            lambda module, args, kwargs, calls=calls: calls.append(
+                kwargs["inputs_embeds"].shape[:2]
+            ),
             with_kwargs=True,
         )
         embeds = lm.embed_tokens(ids).detach().requires_grad_()
