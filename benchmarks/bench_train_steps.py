@@ -22,6 +22,14 @@ Rows:
   (shuffled; the default), in alternating blocks of ``--steps``; also the share of the LLM's
   positions that are not padding under each.
 
+- ``stage3 length groups``: stage-3 training steps (the final stage-3 model, perception cache
+  warmed) with the LLM run on the whole right-padded batch (``length_groups=1``) against the
+  config's ``llm.length_groups`` (rows grouped by length, each group cut to its longest), in
+  alternating blocks of ``--steps`` on the same batches; also the share of the LLM's positions
+  that are real under each, and the largest difference of the losses on one batch (same seeds).
+
+``--sections`` runs some of these only (all by default).
+
 Machines like this one are noisy: compare the two columns of a row, not runs.
 """
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -38,6 +47,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
@@ -46,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_oracle_proposals import write_result  # noqa: E402
 
+from groma_px.llm.adapter import length_groups_of, right_padded_lengths  # noqa: E402
 from groma_px.mask_head import mask_losses  # noqa: E402
 from groma_px.models.masks import cited_regions, padded_targets  # noqa: E402
 from region_proposer.runtime import (  # noqa: E402
@@ -179,6 +190,63 @@ def stage3_sampler(work_dir: Path, steps: int, rounds: int) -> dict:
     return result | {"blocks": blocks}
 
 
+def stage3_length_groups(work_dir: Path, steps: int, rounds: int) -> dict:
+    """Seconds per stage-3 training step with the padded LLM batch and with length groups."""
+    cfg, checkpoint = _dumped(work_dir, "stage3")
+    runner, optim = _runner(cfg, checkpoint)
+    model = runner.model.train()
+    grouped = int(cfg.model.llm.get("length_groups", 1))
+    if grouped <= 1:
+        raise ValueError(f"{work_dir}: its stage-3 config has no llm.length_groups > 1")
+    loader = runner.build_dataloader(cfg.train_dataloader)
+    batches = iter(loader)
+    blocks_of = [[next(batches) for _ in range(steps + 1)] for _ in range(rounds)]
+    _warm_perception(model, loader.dataset, cfg.train_dataloader.batch_size)
+    positions = {1: [0, 0], grouped: [0, 0]}  # computed, of which real
+
+    def count(module, args, kwargs):
+        lengths = right_padded_lengths(kwargs["attention_mask"])
+        order = sorted(lengths, reverse=True)
+        width = kwargs["attention_mask"].shape[1]
+        groups = length_groups_of(order, model.llm.length_groups) if lengths else []
+        computed = sum((end - start) * order[start] for start, end in groups)
+        positions[model.llm.length_groups][0] += computed if groups else len(order) * width
+        positions[model.llm.length_groups][1] += sum(order)
+
+    def losses(groups: int, data: Any) -> dict[str, float]:
+        model.llm.length_groups = groups
+        for seed in (random.seed, np.random.seed, torch.manual_seed):
+            seed(0)
+        with torch.no_grad():
+            batch = model.data_preprocessor(data, True)
+            return {k: float(v) for k, v in model(**batch, mode="loss").items()}
+
+    padded, cut = losses(1, blocks_of[0][0]), losses(grouped, blocks_of[0][0])
+    difference = max(abs(padded[k] - cut[k]) for k in padded)
+    hook = model.llm.register_forward_pre_hook(count, with_kwargs=True)
+    times: dict[int, list[float]] = {1: [], grouped: []}
+    for r in range(rounds):
+        for groups in (1, grouped) if r % 2 == 0 else (grouped, 1):
+            model.llm.length_groups = groups
+            model.train_step(blocks_of[r][0], optim)  # untimed
+            start = time.perf_counter()
+            for data in blocks_of[r][1:]:
+                model.train_step(data, optim)
+            times[groups].append((time.perf_counter() - start) / steps)
+            print(f"  stage 3, length_groups={groups}: {times[groups][-1]:.3f} s/step", flush=True)
+    hook.remove()
+    model.llm.length_groups = grouped
+    return {
+        "length_groups": grouped,
+        "padded_s": statistics.median(times[1]),
+        "grouped_s": statistics.median(times[grouped]),
+        "padded_real_positions": positions[1][1] / positions[1][0],
+        "grouped_real_positions": positions[grouped][1] / positions[grouped][0],
+        "max_loss_difference": difference,
+        "blocks": {str(k): v for k, v in times.items()},
+    }
+
+
 def _warm_perception(model, dataset, batch_size: int) -> None:
     """Runs every training image through the model's perception cache once."""
     first = {}
@@ -236,6 +304,9 @@ def mask_pixels(work_dir: Path, batches: int, repeats: int) -> dict:
     return result
 
 
+SECTIONS = ("loader_workers", "mask_pixels", "stage3_sampler", "length_groups")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -245,43 +316,74 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=4, help="blocks per worker count")
     parser.add_argument("--batches", type=int, default=6, help="stage-3 batches")
     parser.add_argument("--repeats", type=int, default=3, help="timings per batch")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     patch_checkpoint_loader()
     torch.manual_seed(0)
-    workers = {s: loader_workers(args.work_dir, s, args.steps, args.rounds) for s in STAGES}
-    pixels = mask_pixels(args.work_dir, args.batches, args.repeats)
-    sampler = stage3_sampler(args.work_dir, args.steps, args.rounds)
-    rows = [
-        *(
+    sections, rows = {}, []
+    if "loader_workers" in args.sections:
+        workers = {s: loader_workers(args.work_dir, s, args.steps, args.rounds) for s in STAGES}
+        sections["loader_workers"] = workers
+        rows += [
             (f"{s} step, loader workers 0 vs 2", w["workers_0_s"], w["workers_2_s"])
             for s, w in workers.items()
-        ),
-        ("mask pixels fwd+bwd, cited vs all images", pixels["cited_s"], pixels["all_s"]),
-        (
-            "stage3 step, length-grouped vs shuffled",
-            sampler["length_grouped_s"],
-            sampler["shuffled_s"],
-        ),
-    ]
+        ]
+    if "mask_pixels" in args.sections:
+        pixels = sections["mask_pixels"] = mask_pixels(args.work_dir, args.batches, args.repeats)
+        rows.append(
+            ("mask pixels fwd+bwd, cited vs all images", pixels["cited_s"], pixels["all_s"])
+        )
+    if "stage3_sampler" in args.sections:
+        sampler = sections["stage3_sampler"] = stage3_sampler(
+            args.work_dir, args.steps, args.rounds
+        )
+        rows.append(
+            (
+                "stage3 step, length-grouped vs shuffled",
+                sampler["length_grouped_s"],
+                sampler["shuffled_s"],
+            )
+        )
+    if "length_groups" in args.sections:
+        groups = sections["stage3_length_groups"] = stage3_length_groups(
+            args.work_dir, args.steps, args.rounds
+        )
+        rows.append(
+            (
+                f"stage3 step, LLM length groups {groups['length_groups']} vs padded",
+                groups["grouped_s"],
+                groups["padded_s"],
+            )
+        )
     print(f"\n{'what':<44} {'new s':>8} {'old s':>8} {'new/old':>8}")
     for name, new, old in rows:
         print(f"{name:<44} {new:>8.3f} {old:>8.3f} {new / old:>8.3f}")
-    print(
-        f"mask branch (fwd+bwd, cited images only): {pixels['mask_loss_s']:.3f} s/step; "
-        f"{pixels['cited_images_per_batch']:.1f} of {pixels['batch_size']} images cite a region"
-    )
-    print(
-        "real (not padding) share of the LLM's positions in stage 3: length-grouped "
-        f"{sampler['length_grouped_real_positions']:.3f}, shuffled "
-        f"{sampler['shuffled_real_positions']:.3f}"
-    )
+    if "mask_pixels" in sections:
+        print(
+            f"mask branch (fwd+bwd, cited images only): {pixels['mask_loss_s']:.3f} s/step; "
+            f"{pixels['cited_images_per_batch']:.1f} of {pixels['batch_size']} images cite a "
+            "region"
+        )
+    if "stage3_sampler" in sections:
+        print(
+            "real (not padding) share of the LLM's positions in stage 3: length-grouped "
+            f"{sampler['length_grouped_real_positions']:.3f}, shuffled "
+            f"{sampler['shuffled_real_positions']:.3f}"
+        )
+    if "stage3_length_groups" in sections:
+        print(
+            "real share of the positions the LLM computes in stage 3: padded "
+            f"{groups['padded_real_positions']:.3f}, length groups "
+            f"{groups['grouped_real_positions']:.3f}; largest loss difference "
+            f"{groups['max_loss_difference']:.2e}"
+        )
     result = machine_result(
         "training-step costs of the quickstart, alternately measured in one run",
         args.work_dir,
-        loader_workers=workers,
-        mask_pixels=pixels,
-        stage3_sampler=sampler,
+        **sections,
         ratios={name: new / old for name, new, old in rows},
     )
     return write_result(result, args.out)

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "loads from decoded images it keeps)",
     )
     parser.add_argument("--num-region-tokens", type=int, default=100)
-    parser.add_argument("--stage1-iters", type=int, default=600, help="stage-1 iterations")
+    parser.add_argument("--stage1-iters", type=int, default=720, help="stage-1 iterations")
     parser.add_argument("--stage2-iters", type=int, default=80, help="stage-2 iterations")
     parser.add_argument("--stage3-iters", type=int, default=580, help="stage-3 iterations")
     parser.add_argument(

@@ -252,15 +252,11 @@ class GroundedCausalLM(nn.Module):
             ``LMOutput``; ``logits`` ``(B, L or logits_to_keep, first_new_id + num_new_tokens)``.
         """
         decoder = self.hf_model.get_decoder()
-        lengths = _right_padded_lengths(attention_mask)
-        grouped = (
-            self.length_groups > 1
-            and lengths is not None
-            and past_key_values is None
-            and position_ids is None
-            and not use_cache
+        plain = self.length_groups == 1 or use_cache or past_key_values is not None
+        lengths = (
+            None if plain or position_ids is not None else right_padded_lengths(attention_mask)
         )
-        if grouped:
+        if lengths is not None:
             hidden = self._grouped_hidden(decoder, inputs_embeds, attention_mask, lengths)
             out = None
         else:
@@ -289,6 +285,9 @@ class GroundedCausalLM(nn.Module):
         for start, end in length_groups_of([lengths[row] for row in order], self.length_groups):
             rows = torch.tensor(order[start:end], device=inputs_embeds.device)
             cut = lengths[order[start]]
+            if cut == 0:  # rows of padding only: nothing to run
+                parts.append(inputs_embeds.new_zeros(end - start, total, inputs_embeds.shape[-1]))
+                continue
             mask = attention_mask[rows, :cut]
             state = decoder(
                 inputs_embeds=inputs_embeds[rows, :cut],
@@ -376,7 +375,7 @@ class GroundedCausalLM(nn.Module):
         self._new_tokens_loaded = True
 
 
-def _right_padded_lengths(attention_mask: Tensor | None) -> list[int] | None:
+def right_padded_lengths(attention_mask: Tensor | None) -> list[int] | None:
     """Real lengths of a right-padded ``(B, L)`` mask (each row ones, then zeros); None for no
     mask or any other padding."""
     if attention_mask is None or attention_mask.dim() != 2:

@@ -319,3 +319,13 @@ def test_length_groups_leave_left_padding_and_cached_calls_alone() -> None:
     assert calls == [(2, 7), (2, 7)]  # one padded call each
     with pytest.raises(ValueError, match="length_groups"):
         tiny_lm(length_groups=0)
+
+
+def test_length_groups_give_zeros_for_a_row_of_padding_only() -> None:
+    ids = base_ids()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [0] * 7])
+    grouped = tiny_lm(length_groups=2)
+    out = grouped(grouped.embed_tokens(ids), attention_mask=mask)
+    padded = tiny_lm()(grouped.embed_tokens(ids[:1, :4]), attention_mask=mask[:1, :4])
+    assert not out.hidden_states[1].any()
+    torch.testing.assert_close(out.hidden_states[0, :4], padded.hidden_states[0])

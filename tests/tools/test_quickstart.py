@@ -249,12 +249,20 @@ def test_bench_train_steps_times_the_quickstart_stages(quickstart_dir, tmp_path)
     assert {len(sampler["blocks"][s]) for s in ("length_grouped", "shuffled")} == {2}
     # Grouping by length pads less (the tiny run's records differ enough in length).
     assert 0 < sampler["shuffled_real_positions"] < sampler["length_grouped_real_positions"] <= 1
+    groups = result["stage3_length_groups"]
+    assert groups["length_groups"] == 2 and {len(v) for v in groups["blocks"].values()} == {2}
+    # Cutting each group to its longest row computes fewer padding positions, same losses.
+    assert 0 < groups["padded_real_positions"] <= groups["grouped_real_positions"] <= 1
+    assert groups["max_loss_difference"] < 1e-4
     assert set(result["ratios"]) == {
         "stage1 step, loader workers 0 vs 2",
         "stage3 step, loader workers 0 vs 2",
         "mask pixels fwd+bwd, cited vs all images",
         "stage3 step, length-grouped vs shuffled",
+        "stage3 step, LLM length groups 2 vs padded",
     }
+    only = bench.main([*args, "--steps", "1", "--rounds", "1", "--sections", "length_groups"])
+    assert set(only) - set(result) == set() and "loader_workers" not in only
     with pytest.raises(FileNotFoundError, match="quickstart"):
         bench.main(["--work-dir", str(tmp_path), "--out", str(tmp_path / "x.json")])
 
