@@ -184,7 +184,8 @@ def pointer_logits(
         relation: Inputs of the head's ``PhraseRelationHead`` when it has one: ``token_ids``
             (B, L) and ``embeds`` (B, L, D) of everything up to the last position of
             ``hidden``, ``region_boxes`` (sum K_b, 4) normalised xyxy, ``phrase_start`` and
-            ``phrase_end`` ids.
+            ``phrase_end`` ids; optionally ``cache``, a dict kept across the decoding steps of
+            one batch, where the regions' pair-geometry codes are stored at the first step.
     """
     source = hidden if prefill is None else prefill
     positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
@@ -199,6 +200,13 @@ def pointer_logits(
         pools = pointer.relation.pools(
             relation["token_ids"], relation["embeds"], last=hidden.shape[1], **markers
         )
+        # The regions' pair geometry does not change while decoding: computed at the first step.
+        cache = relation.get("cache")
+        pair_code = None if cache is None else cache.get("pair_code")
+        if pair_code is None:
+            pair_code = pointer.relation.pair_code(boxes, valid)
+            if cache is not None:
+                cache["pair_code"] = pair_code
         if pointer.relation.keep is not None:  # the gated phrase replaces the plain mean
             phrase = pools[3]
         bias = pointer.relation(
@@ -210,6 +218,7 @@ def pointer_logits(
             pointer.phrase_query,
             last=hidden.shape[1],
             pools=pools,
+            pair_code=pair_code,
             **markers,
         )
     scores = pointer(hidden, keys, feats, valid, phrase, bias).to(logits.dtype)  # (B, L', K_max)

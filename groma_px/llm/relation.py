@@ -259,6 +259,7 @@ class PhraseRelationHead(nn.Module):
         phrase_end: int,
         last: int | None = None,
         pools: tuple[Tensor, ...] | None = None,
+        pair_code: Tensor | None = None,
     ) -> Tensor:
         """Scores to add to the pointer's logits.
 
@@ -273,6 +274,8 @@ class PhraseRelationHead(nn.Module):
             phrase_end: Id of ``</p>``.
             last: Return only the last ``last`` positions (the decoding steps). Defaults to all.
             pools: What :meth:`pools` returned for these arguments, if already computed.
+            pair_code: What :meth:`pair_code` returned for ``boxes`` and ``valid``, if already
+                computed (decoding steps share it).
 
         Returns:
             (B, L or last, K) float scores (zero on invalid regions).
@@ -281,7 +284,16 @@ class PhraseRelationHead(nn.Module):
             pools = self.pools(
                 token_ids, embeds, phrase_start=phrase_start, phrase_end=phrase_end, last=last
             )
-        return self.scores(pools, keys, boxes, valid, phrase_query)
+        return self.scores(pools, keys, boxes, valid, phrase_query, pair_code)
+
+    def pair_code(self, boxes: Tensor, valid: Tensor) -> Tensor:
+        """(B, K_i, K_j, G) geometry codes ``phi_ij`` of every ordered pair of valid, distinct
+        regions (zero elsewhere), from (B, K, 4) normalised xyxy boxes and (B, K) validity."""
+        num = boxes.shape[1]
+        pair_ok = valid[:, :, None] & valid[:, None, :]
+        pair_ok = pair_ok & ~torch.eye(num, dtype=torch.bool, device=valid.device)
+        geometry = pair_geometry(boxes).to(self.relation.weight.dtype)
+        return self.geometry(geometry) * pair_ok[..., None]
 
     def scores(
         self,
@@ -290,8 +302,10 @@ class PhraseRelationHead(nn.Module):
         boxes: Tensor,
         valid: Tensor,
         phrase_query: nn.Module,
+        pair_code: Tensor | None = None,
     ) -> Tensor:
-        """:meth:`forward` from the (B, T, D) :meth:`pools` of T positions: (B, T, K) scores."""
+        """:meth:`forward` from the (B, T, D) :meth:`pools` of T positions: (B, T, K) scores
+        (``pair_code``: :meth:`pair_code` of ``boxes`` and ``valid``, computed if None)."""
         subject, relation, anchor = pools[:3]
         query_subject = phrase_query(subject.to(keys.dtype))
         query_anchor = phrase_query(anchor.to(keys.dtype))
@@ -299,11 +313,7 @@ class PhraseRelationHead(nn.Module):
         anchor_logits = torch.einsum("bld,bkd->blk", query_anchor, keys) * self.scale
         anchor_logits = anchor_logits.masked_fill(~valid[:, None, :], float("-inf"))
         anchor_prob = torch.softmax(anchor_logits, dim=-1).nan_to_num(0.0)  # (B, L, K_j)
-        num = boxes.shape[1]
-        pair_ok = valid[:, :, None] & valid[:, None, :]
-        pair_ok = pair_ok & ~torch.eye(num, dtype=torch.bool, device=valid.device)
-        geometry = pair_geometry(boxes).to(self.relation.weight.dtype)
-        code = self.geometry(geometry) * pair_ok[..., None]  # (B, K_i, K_j, G)
+        code = self.pair_code(boxes, valid) if pair_code is None else pair_code
         # r_ij = w(relation) . phi_ij, weighted by the anchor's probability of being j.
         weighted = torch.einsum("blj,bijg->blig", anchor_prob.to(code.dtype), code)
         relation_scores = torch.einsum("blg,blig->bli", self.relation(relation), weighted)

@@ -29,13 +29,14 @@ class GroundingHeadsMixin:
         prefill: Tensor | None = None,
         token_ids: Tensor | None = None,
         describe_keys: tuple[Tensor, Tensor, Tensor] | None = None,
+        step_cache: dict | None = None,
         **copy_options: Any,
     ) -> Tensor:
         """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
         head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
         :meth:`_describe_keys` returns them, computed if None; ``copy_options``
         (``supervised_only``, ``keys``) go to :meth:`_with_copy_logits`)."""
-        logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids)
+        logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids, step_cache)
         if self.describe_head is not None:
             keys = self._describe_keys(batch) if describe_keys is None else describe_keys
             logits = self.describe_head(logits, hidden, *keys)
@@ -120,10 +121,12 @@ class GroundingHeadsMixin:
         batch: dict[str, Tensor],
         prefill: Tensor | None = None,
         token_ids: Tensor | None = None,
+        step_cache: dict | None = None,
     ) -> Tensor:
         """``logits`` with the ``<ri>`` columns from the pointer head, if configured
-        (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states and
-        ``token_ids`` the prompt and the tokens generated so far)."""
+        (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states,
+        ``token_ids`` the prompt and the tokens generated so far, and ``step_cache`` a dict
+        kept across one batch's steps for what does not change between them)."""
         if self.region_head != "pointer":
             return logits
         phrase = relation = None
@@ -138,7 +141,11 @@ class GroundingHeadsMixin:
                 phrase = phrase_embeddings(ids, embeds, **markers)[:, -hidden.shape[1] :]
             if head is not None:
                 relation = dict(
-                    token_ids=ids, embeds=embeds, region_boxes=batch["region_boxes"], **markers
+                    token_ids=ids,
+                    embeds=embeds,
+                    region_boxes=batch["region_boxes"],
+                    cache=step_cache,
+                    **markers,
                 )
         return pointer_logits(
             self.region_pointer,
@@ -173,6 +180,7 @@ class GroundingHeadsMixin:
                 token_ids=ids,
                 describe_keys=cached.get("describe"),
                 keys=cached.get("copy"),
+                step_cache=cached.setdefault("pointer", {}),
             )
             return out[:, 0]
 

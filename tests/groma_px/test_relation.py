@@ -105,6 +105,13 @@ def test_scores_depend_only_on_tokens_so_far_and_last_slices():
     for t in range(1, 8):  # a prefix scores its positions exactly as the whole sequence does
         prefix = head(ids[:, :t], embeds[:, :t], keys, boxes, valid, query, last=1, **args)
         torch.testing.assert_close(prefix[:, 0], full[:, t - 1], atol=1e-5, rtol=1e-5)
+    # Decoding steps reuse the pair codes of the first: the same scores.
+    code = head.pair_code(boxes, valid)
+    assert code.shape == (2, 3, 3, 64) and not code[1, 2].any() and not code[0, 1, 1].any()
+    reused = head(ids, embeds, keys, boxes, valid, query, pair_code=code, **args)
+    torch.testing.assert_close(reused, full)
+    wrong = head(ids, embeds, keys, boxes, valid, query, pair_code=torch.zeros_like(code), **args)
+    assert not torch.allclose(wrong, full)  # the codes are what the relation term reads
 
 
 def test_relation_head_needs_the_phrase_query():

@@ -39,7 +39,7 @@ def quickstart_dir(tmp_path_factory):
         "--workers",
         "2",
         "--loader-workers",
-        "0",
+        "1",
         "--num-region-tokens",
         "16",
         "--stage1-iters",
@@ -78,12 +78,12 @@ def test_quickstart_outputs(quickstart_dir):
     assert len(ids.regions) == 16 and len(tokenizer) == summary["tokenizer"]["size"]
     stage1 = summary["stage1"]
     assert 0.0 <= stage1["test"]["proposer/AR@100"] <= 1.0
-    # --loader-workers 0: every stage loads in the main process.
+    # --loader-workers 1 (the configs load in the main process): every stage has one worker.
     for stage in ("stage1", "stage2", "stage3"):
         (dumped,) = (quickstart_dir / stage).glob("*.py")
         cfg = Config.fromfile(str(dumped))
         for loader in (cfg.train_dataloader, cfg.test_dataloader):
-            assert (loader.num_workers, loader.persistent_workers) == (0, False), stage
+            assert (loader.num_workers, loader.persistent_workers) == (1, True), stage
     # Stage 1 is tested, not validated too: no validation loop, no best checkpoint.
     (dumped,) = (quickstart_dir / "stage1").glob("*.py")
     cfg = Config.fromfile(str(dumped))
@@ -136,8 +136,8 @@ def test_quickstart_reuses_a_stage1_and_overrides_the_chat_configs(quickstart_di
         assert "region_loss_weight=2.5" in dumped.read_text()
         cfg = Config.fromfile(str(dumped))  # without --loader-workers: the config's
         assert (cfg.train_dataloader.num_workers, cfg.train_dataloader.persistent_workers) == (
-            2,
-            True,
+            0,
+            False,
         )
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["proposer/AR@100"] == first["metrics"]["proposer/AR@100"]
