@@ -200,17 +200,15 @@ def stage3_length_groups(work_dir: Path, steps: int, rounds: int) -> dict:
         raise ValueError(f"{work_dir}: its stage-3 config has no llm.length_groups > 1")
     loader = runner.build_dataloader(cfg.train_dataloader)
     batches = iter(loader)
-    blocks_of = [[next(batches) for _ in range(steps + 1)] for _ in range(rounds)]
+    # Both settings step through the same batches, block by block.
+    shared = [next(batches) for _ in range(rounds * (steps + 1))]
     _warm_perception(model, loader.dataset, cfg.train_dataloader.batch_size)
     positions = {1: [0, 0], grouped: [0, 0]}  # computed, of which real
 
     def count(module, args, kwargs):
-        lengths = right_padded_lengths(kwargs["attention_mask"])
-        order = sorted(lengths, reverse=True)
-        width = kwargs["attention_mask"].shape[1]
-        groups = length_groups_of(order, model.llm.length_groups) if lengths else []
-        computed = sum((end - start) * order[start] for start, end in groups)
-        positions[model.llm.length_groups][0] += computed if groups else len(order) * width
+        order = sorted(right_padded_lengths(kwargs["attention_mask"]), reverse=True)
+        groups = length_groups_of(order, model.llm.length_groups)
+        positions[model.llm.length_groups][0] += sum((e - s) * order[s] for s, e in groups)
         positions[model.llm.length_groups][1] += sum(order)
 
     def losses(groups: int, data: Any) -> dict[str, float]:
@@ -221,19 +219,18 @@ def stage3_length_groups(work_dir: Path, steps: int, rounds: int) -> dict:
             batch = model.data_preprocessor(data, True)
             return {k: float(v) for k, v in model(**batch, mode="loss").items()}
 
-    padded, cut = losses(1, blocks_of[0][0]), losses(grouped, blocks_of[0][0])
+    padded, cut = losses(1, shared[0]), losses(grouped, shared[0])
     difference = max(abs(padded[k] - cut[k]) for k in padded)
     hook = model.llm.register_forward_pre_hook(count, with_kwargs=True)
-    times: dict[int, list[float]] = {1: [], grouped: []}
-    for r in range(rounds):
-        for groups in (1, grouped) if r % 2 == 0 else (grouped, 1):
-            model.llm.length_groups = groups
-            model.train_step(blocks_of[r][0], optim)  # untimed
-            start = time.perf_counter()
-            for data in blocks_of[r][1:]:
-                model.train_step(data, optim)
-            times[groups].append((time.perf_counter() - start) / steps)
-            print(f"  stage 3, length_groups={groups}: {times[groups][-1]:.3f} s/step", flush=True)
+    times = _alternate(
+        model,
+        optim,
+        {1: iter(shared), grouped: iter(shared)},
+        steps,
+        rounds,
+        "stage 3, length_groups={}",
+        on_block=lambda groups: setattr(model.llm, "length_groups", groups),
+    )
     hook.remove()
     model.llm.length_groups = grouped
     return {

@@ -22,9 +22,10 @@ test_pipeline = [
 
 train_dataloader = dict(
     batch_size=8,
-    # Loaded in the main process from cached decoded images: on 2 CPU cores workers compete
-    # with the step's two compute threads (stage-1 step 0.675 s against 0.724 s with two
-    # workers; docs/NOTES.md, "Length groups, cached images").
+    # Loaded in the main process from cached decoded images, as the chat stages: in stage 1
+    # no reliable difference (0.669 s per step against 0.653 s with two workers,
+    # benchmarks/results/bench_train_steps_length_groups.json; docs/NOTES.md, "Length groups,
+    # cached images").
     num_workers=0,
     persistent_workers=False,
     sampler=dict(type="InfiniteSampler", shuffle=True),

@@ -29,8 +29,8 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=16,
-    # In the main process (stage-3 step 0.734 s against 0.815 s with two workers; docs/NOTES.md,
-    # "Length groups, cached images").
+    # In the main process: stage-3 step 0.704 s against 0.762 s with two workers
+    # (benchmarks/results/bench_train_steps_length_groups.json).
     num_workers=0,
     persistent_workers=False,
     # dict(type="LengthGroupedSampler", batch_size=16) pads the LLM's batches less (79 % of

@@ -17,7 +17,7 @@ llm = dict(
     attn_implementation="sdpa",
     tie_new_embeddings=True,  # <ri> is scored against its own prompt embedding (pointer-like)
     # Training runs the decoder on two groups of rows of similar length, each cut to its
-    # longest: stage-3 step 0.686 s against 0.731 s padded, losses equal (docs/NOTES.md,
-    # "Length groups, cached images").
+    # longest: stage-3 step 0.619 s against 0.714 s padded, losses equal
+    # (benchmarks/results/bench_train_steps_length_groups.json).
     length_groups=2,
 )
