@@ -4,10 +4,12 @@
     python benchmarks/bench_chat.py --config CFG --tokenizer DIR         # random weights
 
 Measures, on prompts built from synthetic test images:
-1. Decode speed: tokens/s of ``GromaPX`` generation (``greedy_generate`` over the spliced prompt,
-   KV cache, grounding-token head) vs the bare Hugging Face LLM's ``generate`` on token ids of
-   the same total prompt length and batch. Decode time is ``t(N new tokens) - t(1 new token)``, so
-   the prefill is excluded; runs alternate (ours, bare, ours, ...) and the medians are compared.
+1. Decode speed: tokens/s of ``GromaPX`` generation as ``predict`` runs it (``greedy_generate``
+   over the spliced prompt, KV cache, the grounding heads' per-step hook) vs the bare Hugging Face
+   LLM's ``generate`` on token ids of the same total prompt length and batch; also the LLM loop
+   without the hook, and the hook with its phrase pools over whole rows (no ``phrase_window``).
+   Decode time is ``t(N new tokens) - t(1 new token)``, so the prefill is excluded; runs
+   alternate (ours, whole rows, loop, bare, ours, ...) and the medians are compared.
 2. Prefill breakdown: time in backbone + proposer, box refiner (when the model has one), selector,
    region encoder, image tokens and the LLM prefill forward; the share of proposer (with its
    refiner) + selector + region encoder.
@@ -146,15 +148,21 @@ def mask_costs(model: torch.nn.Module, batch: dict, repeats: int) -> dict | None
 
 @torch.no_grad()
 def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of GromaPX generation and of the bare LLM, measured alternately."""
+    """Decode tokens/s, measured alternately: ``GromaPX`` generation as ``predict`` runs it
+    (the grounding heads' per-step hook: region pointer, copy and describe heads), the same with
+    the hook's phrase pools read over the whole row instead of the window since the latest
+    ``<p>`` (``phrase_window``), the LLM loop alone (no hook), and the bare LLM's ``generate``."""
+    from groma_px.models import heads
+
     embeds, mask = prompt["inputs_embeds"], prompt["attention_mask"]
     batch, length = mask.shape
     base = model.llm.hf_model
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.llm.first_new_id, (batch, length), generator=gen)
     pad = model.tokenizer.pad_token_id or 0
+    window = heads.phrase_window
 
-    def ours(n: int) -> float:
+    def loop(n: int, hooked: bool) -> float:
         return timed(
             lambda: greedy_generate(
                 model.llm,
@@ -164,8 +172,16 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
                 eos_token_id=-1,
                 pad_token_id=pad,
                 output_hidden_states=False,
+                logits_fn=model._decode_logits_fn(prompt) if hooked else None,
             )
         )
+
+    def whole_row(n: int) -> float:
+        heads.phrase_window = lambda token_ids, **_: 0
+        try:
+            return loop(n, True)
+        finally:
+            heads.phrase_window = window
 
     def bare(n: int) -> float:
         return timed(
@@ -180,19 +196,27 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
             )
         )
 
-    ours(2), bare(2)  # warm-up
-    times: dict[str, list[float]] = {"ours": [], "bare": []}
+    contenders = {
+        "ours": lambda n: loop(n, True),
+        "ours_whole_row_pools": whole_row,
+        "llm_loop": lambda n: loop(n, False),
+        "bare": bare,
+    }
+    for fn in contenders.values():  # warm-up
+        fn(2)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
-        for name, fn in (("ours", ours), ("bare", bare)):
+        for name, fn in contenders.items():
             times[name].append(fn(new_tokens) - fn(1))
     rates = {k: batch * (new_tokens - 1) / statistics.median(v) for k, v in times.items()}
     return {
         "batch": batch,
         "prompt_length": length,
         "new_tokens": new_tokens,
-        "ours_tokens_per_s": rates["ours"],
-        "bare_tokens_per_s": rates["bare"],
+        **{f"{name}_tokens_per_s": rate for name, rate in rates.items()},
         "ratio_ours_over_bare": rates["ours"] / rates["bare"],
+        "ratio_llm_loop_over_bare": rates["llm_loop"] / rates["bare"],
+        "ratio_ours_over_whole_row_pools": rates["ours"] / rates["ours_whole_row_pools"],
         "repeats": repeats,
     }
 
@@ -246,9 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"\ndecode ({decode['batch']} x {decode['prompt_length']}-token prompts, "
         f"{decode['new_tokens']} new tokens, median of {decode['repeats']})"
     )
-    print(f"  {'GromaPX generation':<22} {decode['ours_tokens_per_s']:>9.1f} tokens/s")
-    print(f"  {'bare LLM generate':<22} {decode['bare_tokens_per_s']:>9.1f} tokens/s")
-    print(f"  {'ratio ours / bare':<22} {decode['ratio_ours_over_bare']:>9.3f}")
+    rows = (
+        ("GromaPX generation", "ours"),
+        ("  pools of whole rows", "ours_whole_row_pools"),
+        ("  LLM loop, no heads", "llm_loop"),
+        ("bare LLM generate", "bare"),
+    )
+    for label, key in rows:
+        print(f"  {label:<26} {decode[f'{key}_tokens_per_s']:>9.1f} tokens/s")
+    for key in ("ours_over_bare", "llm_loop_over_bare", "ours_over_whole_row_pools"):
+        print(f"  {'ratio ' + key.replace('_over_', ' / '):<26} {decode['ratio_' + key]:>9.3f}")
     print("\nprefill (median seconds)")
     for key, value in parts.items():
         print(f"  {key:<22} {value:>9.4f}  {value / total:>6.1%}")

@@ -85,7 +85,24 @@ class RegionPointerHead(nn.Module):
         Returns:
             (B, L, K) logits; ``MASKED_LOGIT`` where ``slot_valid`` is False.
         """
-        keys = self.key(slot_hidden) + self.feature_key(slot_feats)
+        return self.score(
+            hidden, self.region_keys(slot_hidden, slot_feats), slot_valid, phrase, bias
+        )
+
+    def region_keys(self, slot_hidden: Tensor, slot_feats: Tensor) -> Tensor:
+        """(B, K, d) keys ``k(h_slot_i) + k_f(f_i)`` of :meth:`forward`'s arguments (fixed
+        while decoding one batch)."""
+        return self.key(slot_hidden) + self.feature_key(slot_feats)
+
+    def score(
+        self,
+        hidden: Tensor,
+        keys: Tensor,
+        slot_valid: Tensor,
+        phrase: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`forward` from the :meth:`region_keys` ``keys``."""
         query = self.query(hidden)
         if self.phrase_query is not None:
             if phrase is None:
@@ -133,6 +150,34 @@ def phrase_embeddings(
     return pooled.masked_fill((last_open < 0)[..., None], 0.0)
 
 
+def phrase_window(token_ids: Tensor, *, phrase_start: int, last: int = 1) -> int:
+    """First column of ``token_ids`` that the current phrases of its last ``last`` positions
+    start at or after.
+
+    A position's current phrase (:func:`phrase_embeddings`, ``PhraseRelationHead.pools``) is read
+    from the tokens after the latest ``<p>`` at or before it, so the pools of the last positions
+    computed over ``token_ids[:, window:]`` equal those over the whole row: decoding steps then
+    embed and pool a few words instead of the prompt and every token generated so far. Rows with
+    no ``<p>`` up to the first of those positions do not hold the window back (their phrases are
+    empty unless one opens within the window).
+
+    Args:
+        token_ids: (B, L) long ids.
+        phrase_start: Id of ``<p>``.
+        last: The positions whose phrases are needed (the last ``last``). Defaults to 1.
+
+    Returns:
+        The window's first column, in ``[0, L - last]``.
+    """
+    length = token_ids.shape[1]
+    first = max(0, length - last)
+    opens = token_ids[:, : first + 1] == phrase_start
+    index = torch.arange(first + 1, device=token_ids.device)
+    latest = torch.where(opens, index, -1).amax(dim=1) if opens.numel() else opens.new_zeros(0)
+    latest = latest[latest >= 0]
+    return int(latest.min()) if latest.numel() else first
+
+
 def slot_positions(region_slots: Tensor, num_regions: list[int]) -> tuple[Tensor, Tensor]:
     """Position of each region's first feature slot.
 
@@ -167,6 +212,7 @@ def pointer_logits(
     prefill: Tensor | None = None,
     phrase: Tensor | None = None,
     relation: dict | None = None,
+    cache: dict | None = None,
 ) -> Tensor:
     """``logits`` with the ``<ri>`` columns replaced by pointer scores (absent regions masked).
 
@@ -184,47 +230,59 @@ def pointer_logits(
         relation: Inputs of the head's ``PhraseRelationHead`` when it has one: ``token_ids``
             (B, L) and ``embeds`` (B, L, D) of everything up to the last position of
             ``hidden``, ``region_boxes`` (sum K_b, 4) normalised xyxy, ``phrase_start`` and
-            ``phrase_end`` ids; optionally ``cache``, a dict kept across the decoding steps of
-            one batch, where the regions' pair-geometry codes are stored at the first step.
+            ``phrase_end`` ids.
+        cache: A dict kept across the decoding steps of one batch: the regions' keys, boxes and
+            pair-geometry codes, which do not change between the steps, are stored in it at the
+            first step and read at the next ones. Defaults to None (computed every call).
     """
-    source = hidden if prefill is None else prefill
-    positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
-    keys = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
-    feats = padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
+    regions = None if cache is None else cache.get("regions")
+    if regions is None:  # what does not change between the decoding steps of one batch
+        regions = _region_inputs(pointer, hidden if prefill is None else prefill, batch, relation)
+        if cache is not None:
+            cache["regions"] = regions
     bias = None
     if pointer.relation is not None:
         if relation is None:
             raise ValueError("a pointer with a relation head needs its relation inputs")
-        boxes = padded_rows(relation["region_boxes"], batch["num_regions"], positions.shape[1])
         markers = dict(phrase_start=relation["phrase_start"], phrase_end=relation["phrase_end"])
         pools = pointer.relation.pools(
             relation["token_ids"], relation["embeds"], last=hidden.shape[1], **markers
         )
-        # The regions' pair geometry does not change while decoding: computed at the first step.
-        cache = relation.get("cache")
-        pair_code = None if cache is None else cache.get("pair_code")
-        if pair_code is None:
-            pair_code = pointer.relation.pair_code(boxes, valid)
-            if cache is not None:
-                cache["pair_code"] = pair_code
         if pointer.relation.keep is not None:  # the gated phrase replaces the plain mean
             phrase = pools[3]
-        bias = pointer.relation(
-            relation["token_ids"],
-            relation["embeds"],
-            pointer.feature_key(feats),
-            boxes,
-            valid,
+        bias = pointer.relation.scores(
+            pools,
+            regions["feature_keys"],
+            regions["boxes"],
+            regions["valid"],
             pointer.phrase_query,
-            last=hidden.shape[1],
-            pools=pools,
-            pair_code=pair_code,
-            **markers,
+            regions["pair_code"],
         )
-    scores = pointer(hidden, keys, feats, valid, phrase, bias).to(logits.dtype)  # (B, L', K_max)
+    scores = pointer.score(hidden, regions["keys"], regions["valid"], phrase, bias)
+    scores = scores.to(logits.dtype)  # (B, L', K_max)
     out = logits.clone()
     out[..., region_cols] = MASKED_LOGIT
     out[..., region_cols[: scores.shape[-1]]] = scores
+    return out
+
+
+def _region_inputs(
+    pointer: RegionPointerHead, source: Tensor, batch: dict, relation: dict | None
+) -> dict[str, Tensor]:
+    """The pointer's per-region inputs: ``valid`` (B, K), ``keys`` (B, K, d) from the slots'
+    hidden states in ``source``; with a relation head also its ``feature_keys``, ``boxes`` and
+    ``pair_code``."""
+    positions, valid = slot_positions(batch["region_slots"], batch["num_regions"])
+    slot_hidden = source.gather(1, positions[..., None].expand(-1, -1, source.shape[-1]))
+    feats = padded_rows(batch["region_feats"], batch["num_regions"], positions.shape[1])
+    out = dict(valid=valid, keys=pointer.region_keys(slot_hidden, feats))
+    if pointer.relation is not None and relation is not None:
+        boxes = padded_rows(relation["region_boxes"], batch["num_regions"], positions.shape[1])
+        out.update(
+            feature_keys=pointer.feature_key(feats),
+            boxes=boxes,
+            pair_code=pointer.relation.pair_code(boxes, valid),
+        )
     return out
 
 

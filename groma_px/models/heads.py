@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from ..llm.copy_head import copy_sources, previous_tokens
-from ..llm.pointer import padded_rows, phrase_embeddings, pointer_logits
+from ..llm.pointer import padded_rows, phrase_embeddings, phrase_window, pointer_logits
 from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
 from .outputs import Perception
@@ -131,11 +131,17 @@ class GroundingHeadsMixin:
             return logits
         phrase = relation = None
         if self.region_pointer.phrase_query is not None:
-            ids = batch["input_ids"] if token_ids is None else token_ids
-            embeds = self.llm.embed_tokens(ids)
             markers = dict(
                 phrase_start=self.token_ids.phrase_start, phrase_end=self.token_ids.phrase_end
             )
+            if token_ids is None:
+                ids = batch["input_ids"]
+            else:  # decoding: only the words since the latest <p> can reach the pools (exact)
+                start = phrase_window(
+                    token_ids, phrase_start=markers["phrase_start"], last=hidden.shape[1]
+                )
+                ids = token_ids[:, start:]
+            embeds = self.llm.embed_tokens(ids)
             head = self.region_pointer.relation
             if head is None or head.keep is None:  # else pointer_logits reads the gated pool
                 phrase = phrase_embeddings(ids, embeds, **markers)[:, -hidden.shape[1] :]
@@ -144,7 +150,6 @@ class GroundingHeadsMixin:
                     token_ids=ids,
                     embeds=embeds,
                     region_boxes=batch["region_boxes"],
-                    cache=step_cache,
                     **markers,
                 )
         return pointer_logits(
@@ -156,6 +161,7 @@ class GroundingHeadsMixin:
             prefill=prefill,
             phrase=phrase,
             relation=relation,
+            cache=step_cache,
         )
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:

@@ -33,7 +33,11 @@ def test_bench_chat_writes_ratios_and_positions(tiny_data, tmp_path):
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     decode = result["decode"]
-    assert decode["ours_tokens_per_s"] > 0 and decode["bare_tokens_per_s"] > 0
+    for key in ("ours", "ours_whole_row_pools", "llm_loop", "bare"):
+        assert decode[f"{key}_tokens_per_s"] > 0
+    assert (
+        decode["ratio_ours_over_bare"] == decode["ours_tokens_per_s"] / decode["bare_tokens_per_s"]
+    )
     g = result["num_image_tokens"]
     assert result["llm_positions_per_image_at_K100"] == {"pair": g + 200, "fused": g + 100}
     assert 0.0 < result["prefill_share_proposer_selector_region_encoder"] < 1.0

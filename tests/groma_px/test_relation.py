@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from groma_px.llm.pointer import RegionPointerHead, phrase_embeddings
+from groma_px.llm.pointer import RegionPointerHead, phrase_embeddings, phrase_window
 from groma_px.llm.relation import PhraseRelationHead, pair_geometry, phrase_layout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -112,6 +112,45 @@ def test_scores_depend_only_on_tokens_so_far_and_last_slices():
     torch.testing.assert_close(reused, full)
     wrong = head(ids, embeds, keys, boxes, valid, query, pair_code=torch.zeros_like(code), **args)
     assert not torch.allclose(wrong, full)  # the codes are what the relation term reads
+
+
+def test_phrase_window_starts_at_the_latest_open_phrase_of_any_row():
+    ids = torch.tensor(
+        [[1, P, 2, Q, 3, P, 4, 5], [1, 2, 3, 4, P, 6, Q, 7], [1, 2, 3, 4, 5, 6, 7, 2]]
+    )
+    assert phrase_window(ids, phrase_start=P) == 4  # row 1's <p> at 4; row 0's at 5
+    assert phrase_window(ids[[0, 2]], phrase_start=P) == 5
+    assert phrase_window(ids[[2]], phrase_start=P) == 7  # no phrase anywhere: the last token
+    assert phrase_window(ids[[2]], phrase_start=P, last=3) == 5
+    assert phrase_window(ids[[0]], phrase_start=P, last=4) == 1  # positions 4..7: <p> at 1
+    assert phrase_window(ids[:, :0], phrase_start=P) == 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_pools_over_the_phrase_window_equal_those_over_the_whole_row(gated):
+    torch.manual_seed(0)
+    head = PhraseRelationHead(16, 8, num_heads=2, gated_phrase=gated)
+    if gated:
+        torch.nn.init.normal_(head.keep.weight)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(8):  # random rows of words, <p> and </p>, some phrases left open
+        ids = torch.randint(1, 8, (3, 30), generator=generator)
+        markers = torch.rand(3, 30, generator=generator)
+        ids[markers < 0.12] = P
+        ids[(markers > 0.9) & (markers < 0.97)] = Q
+        embeds = torch.randn(3, 30, 16, generator=generator)
+        for t in range(1, 31):
+            for last in (1, 2):
+                if last > t:
+                    continue
+                start = phrase_window(ids[:, :t], phrase_start=P, last=last)
+                whole = head.pools(ids[:, :t], embeds[:, :t], last=last, **_MARKERS)
+                window = head.pools(ids[:, start:t], embeds[:, start:t], last=last, **_MARKERS)
+                for a, b in zip(whole, window, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+                mean = phrase_embeddings(ids[:, :t], embeds[:, :t], **_MARKERS)[:, -last:]
+                cut = phrase_embeddings(ids[:, start:t], embeds[:, start:t], **_MARKERS)
+                torch.testing.assert_close(mean, cut[:, -last:], atol=1e-5, rtol=1e-5)
 
 
 def test_relation_head_needs_the_phrase_query():
