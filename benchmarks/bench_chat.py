@@ -2,6 +2,8 @@
 
     python benchmarks/bench_chat.py --model work_dirs/quickstart/model   # the quickstart's export
     python benchmarks/bench_chat.py --config CFG --tokenizer DIR         # random weights
+    python benchmarks/bench_chat.py --config CFG --tokenizer DIR \
+        --cfg-options model.llm.config.num_hidden_layers=16               # a deeper LLM
 
 Measures, on prompts built from synthetic test images:
 1. Decode speed: tokens/s of ``GromaPX`` generation as ``predict`` runs it (``greedy_generate``
@@ -34,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.dataset import Compose, pseudo_collate  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
@@ -47,6 +50,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_chat.json"
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
     """The exported model (``--model``) or a randomly initialised one from ``--config``."""
     if args.model:
+        if args.cfg_options:
+            raise ValueError("--cfg-options applies to --config (random weights), not --model")
         from groma_px.inference.export import load_exported
 
         return load_exported(args.model)
@@ -60,6 +65,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
         work_dir="work_dirs/bench_chat",
         load_from=None,
     )
+    if args.cfg_options:
+        from region_proposer.runtime import apply_cfg_options
+
+        apply_cfg_options(cfg, args.cfg_options)
     with DefaultScope.overwrite_default_scope("groma_px"):
         model = MODELS.build(cfg.model)
     return model.eval(), cfg.test_dataloader.dataset.pipeline
@@ -121,25 +130,32 @@ def mask_costs(model: torch.nn.Module, batch: dict, repeats: int) -> dict | None
     inputs, samples, sizes = data["inputs"], data["data_samples"], data["valid_sizes"]
     perception = model.perceive(inputs, samples, sizes)
     prompt = model._embed(perception, samples, padding_side="left")
-    n = len(samples)
+    # Row 0 of every sample that kept a region (random weights may keep none).
+    index = torch.tensor(
+        [b for b, k in enumerate(prompt["num_regions"]) if k > 0], dtype=torch.long
+    )
+    n = len(index)
+    if n == 0:
+        return {"mask_head": type(model.mask_head).__name__, "skipped": "no sample kept a region"}
     zeros = torch.zeros(n, dtype=torch.long)
-    cited = CitedRegions(torch.arange(n), zeros, zeros, zeros)  # row 0 of every sample
+    cited = CitedRegions(index, zeros, zeros, zeros)
     hidden = torch.randn(n, model.llm.hidden_size, generator=torch.Generator().manual_seed(0))
     padded = tuple(inputs.shape[-2:])
 
     def masks() -> None:
         logits = model._mask_logits(perception, prompt, inputs, cited, hidden)
-        for mask, sample in zip(logits, samples, strict=True):
-            logits_to_rle(mask, padded, sample.metainfo)
+        for mask, b in zip(logits, index.tolist(), strict=True):
+            logits_to_rle(mask, padded, samples[b].metainfo)
 
     def answers() -> None:
         model.predict(inputs, samples, sizes)
 
     masks(), answers()  # warm-up
     per_region = statistics.median(timed(masks) for _ in range(repeats)) / n
-    per_answer = statistics.median(timed(answers) for _ in range(repeats)) / n
+    per_answer = statistics.median(timed(answers) for _ in range(repeats)) / len(samples)
     return {
         "mask_head": type(model.mask_head).__name__,
+        "cited_samples": n,
         "mask_seconds_per_cited_region": per_region,
         "answer_seconds_per_sample": per_answer,
         "mask_share_per_cited_region": per_region / per_answer,
@@ -230,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--config",
         default="configs/groma_px/groma-px_ddetr-vit-tiny_llama-tiny_stage3_synthetic.py",
     )
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        metavar="KEY=VALUE",
+        help="overrides of --config (keys must exist), e.g. model.llm.config.num_hidden_layers=16",
+    )
     parser.add_argument("--tokenizer", default="work_dirs/quickstart/tokenizer")
     parser.add_argument("--data-root", default="work_dirs/quickstart/data")
     parser.add_argument("--batch", type=int, default=8)
@@ -256,6 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
         "what": "GromaPX grounded-chat inference: decode speed vs the bare LLM, prefill "
         "breakdown, LLM positions per image",
         "model": args.model or f"{args.config} (random weights)",
+        "cfg_options": args.cfg_options or {},
+        "llm": {
+            "layers": model.llm.hf_model.config.num_hidden_layers,
+            "hidden_size": model.llm.hidden_size,
+        },
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
@@ -287,7 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nLLM positions per image at K = 100")
     for layout, n in positions.items():
         print(f"  {layout:<8} {n}")
-    if masks is not None:
+    if masks is not None and "skipped" in masks:
+        print(f"\nmask head ({masks['mask_head']}): not measured, {masks['skipped']}")
+    elif masks is not None:
         print(f"\nmask head ({masks['mask_head']}, median seconds)")
         print(f"  {'per cited region':<22} {masks['mask_seconds_per_cited_region']:>9.4f}")
         print(f"  {'whole answer / sample':<22} {masks['answer_seconds_per_sample']:>9.4f}")

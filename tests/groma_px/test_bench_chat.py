@@ -27,11 +27,13 @@ def test_bench_chat_writes_ratios_and_positions(tiny_data, tmp_path):
                 "--tokenizer", str(tiny_data["tokenizer_dir"]),
                 "--data-root", str(tiny_data["data_root"]),
                 "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
+                "--cfg-options", "model.llm.config.num_hidden_layers=1",
             ]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["llm"]["layers"] == 1  # the override reached the built model
     decode = result["decode"]
     for key in ("ours", "ours_whole_row_pools", "llm_loop", "bare"):
         assert decode[f"{key}_tokens_per_s"] > 0
