@@ -170,10 +170,12 @@ def phrase_window(token_ids: Tensor, *, phrase_start: int, last: int = 1) -> int
         The window's first column, in ``[0, L - last]``.
     """
     length = token_ids.shape[1]
+    if length == 0:
+        return 0
     first = max(0, length - last)
     opens = token_ids[:, : first + 1] == phrase_start
     index = torch.arange(first + 1, device=token_ids.device)
-    latest = torch.where(opens, index, -1).amax(dim=1) if opens.numel() else opens.new_zeros(0)
+    latest = torch.where(opens, index, -1).amax(dim=1)  # (B,): -1 where a row has no <p>
     latest = latest[latest >= 0]
     return int(latest.min()) if latest.numel() else first
 
