@@ -23,11 +23,13 @@ Configs stay device-free (STYLE.md): the device decisions are made here, at laun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,29 @@ def init_cpu_distributed(launcher: str) -> None:
     if launcher == "slurm":
         _slurm_env_to_torch()
     dist.init_process_group(backend="gloo")
+
+
+@contextlib.contextmanager
+def distributed_session(launcher: str) -> Iterator[None]:
+    """Runs the body of a tool in its process group, and destroys the group on the way out.
+
+    The group is created here on CPU (:func:`init_cpu_distributed`) or by mmengine's Runner on
+    CUDA; either way a process that exits with it alive leaves its gloo/NCCL threads to the
+    interpreter's teardown, where a rank can abort ("terminate called without an active
+    exception", SIGABRT) after its work is done. After a clean body the ranks meet at a
+    barrier first, so none tears its group down while a peer still talks to it; after an
+    exception they do not wait for peers that may never arrive.
+    """
+    init_cpu_distributed(launcher)
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _slurm_env_to_torch() -> None:

@@ -19,7 +19,7 @@ from region_proposer.runtime import (
     apply_cfg_options,
     build_runner,
     configure_for_device,
-    init_cpu_distributed,
+    distributed_session,
     patch_checkpoint_loader,
 )
 
@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     patch_checkpoint_loader()
-    init_cpu_distributed(args.launcher)
+    with distributed_session(args.launcher):
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
     cfg = Config.fromfile(args.config)
     apply_cfg_options(cfg, args.cfg_options)
     if not Path(args.checkpoint).is_file():

@@ -17,7 +17,7 @@ from region_proposer.runtime import (
     apply_cfg_options,
     build_runner,
     configure_for_device,
-    init_cpu_distributed,
+    distributed_session,
     patch_checkpoint_loader,
 )
 
@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     patch_checkpoint_loader()
-    init_cpu_distributed(args.launcher)
+    with distributed_session(args.launcher):
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
     cfg = Config.fromfile(args.config)
     apply_cfg_options(cfg, args.cfg_options)
     cfg.launcher = args.launcher

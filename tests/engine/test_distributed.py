@@ -4,6 +4,7 @@ processes x batch b train like 1 process x batch 2b, each rank sees its own samp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import socket
@@ -216,3 +217,27 @@ def test_slurm_launcher_on_cpu_maps_the_slurm_variables(monkeypatch: pytest.Monk
         assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_distributed_session_destroys_its_group_on_the_way_out(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+):
+    """A rank that exits with its group alive can abort in teardown (CI saw SIGABRT after a
+    finished run); the session destroys the group after a clean body and after an exception."""
+    from region_proposer.runtime import distributed_session
+
+    if torch.cuda.is_available() or dist.is_initialized():
+        pytest.skip("needs a CPU-only process without a process group")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(tiny_runs.free_port()))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    with contextlib.ExitStack() as stack:
+        if fails:
+            stack.enter_context(pytest.raises(KeyError, match="boom"))
+        with distributed_session("pytorch"):
+            assert dist.is_initialized() and dist.get_backend() == "gloo"
+            if fails:
+                raise KeyError("boom")
+    assert not dist.is_initialized()
