@@ -167,7 +167,10 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
     """Decode tokens/s, measured alternately: ``GromaPX`` generation as ``predict`` runs it
     (the grounding heads' per-step hook: region pointer, copy and describe heads), the same with
     the hook's phrase pools read over the whole row instead of the window since the latest
-    ``<p>`` (``phrase_window``), the LLM loop alone (no hook), and the bare LLM's ``generate``."""
+    ``<p>`` (``phrase_window``), the same with ``<ri>`` scored at every step
+    (``region_tokens_in_roi=False``), the LLM loop alone (no hook), and the bare LLM's
+    ``generate``. Also which share of the steps (and of the rows' steps) could cite a region,
+    i.e. ran the pointer, in the first contender's output."""
     from groma_px.models import heads
 
     embeds, mask = prompt["inputs_embeds"], prompt["attention_mask"]
@@ -199,6 +202,13 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         finally:
             heads.phrase_window = window
 
+    def anywhere(n: int) -> float:
+        constrained, model.region_tokens_in_roi = model.region_tokens_in_roi, False
+        try:
+            return loop(n, True)
+        finally:
+            model.region_tokens_in_roi = constrained
+
     def bare(n: int) -> float:
         return timed(
             lambda: base.generate(
@@ -215,6 +225,7 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
     contenders = {
         "ours": lambda n: loop(n, True),
         "ours_whole_row_pools": whole_row,
+        "ours_regions_anywhere": anywhere,
         "llm_loop": lambda n: loop(n, False),
         "bare": bare,
     }
@@ -225,6 +236,19 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         for name, fn in contenders.items():
             times[name].append(fn(new_tokens) - fn(1))
     rates = {k: batch * (new_tokens - 1) / statistics.median(v) for k, v in times.items()}
+    tokens = greedy_generate(
+        model.llm,
+        embeds,
+        mask,
+        max_new_tokens=new_tokens,
+        eos_token_id=-1,
+        pad_token_id=pad,
+        output_hidden_states=False,
+        logits_fn=model._decode_logits_fn(prompt),
+    ).tokens
+    before_region = torch.tensor([model.token_ids.roi_start, *model.token_ids.regions])
+    previous = torch.cat([prompt["input_ids"][:, -1:], tokens[:, :-1]], dim=1)
+    may_cite = torch.isin(previous, before_region)
     return {
         "batch": batch,
         "prompt_length": length,
@@ -233,6 +257,9 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         "ratio_ours_over_bare": rates["ours"] / rates["bare"],
         "ratio_llm_loop_over_bare": rates["llm_loop"] / rates["bare"],
         "ratio_ours_over_whole_row_pools": rates["ours"] / rates["ours_whole_row_pools"],
+        "ratio_ours_over_regions_anywhere": rates["ours"] / rates["ours_regions_anywhere"],
+        "pointer_step_share": float(may_cite.any(0).float().mean()),
+        "pointer_row_step_share": float(may_cite.float().mean()),
         "repeats": repeats,
     }
 
@@ -301,13 +328,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows = (
         ("GromaPX generation", "ours"),
         ("  pools of whole rows", "ours_whole_row_pools"),
+        ("  <ri> at every step", "ours_regions_anywhere"),
         ("  LLM loop, no heads", "llm_loop"),
         ("bare LLM generate", "bare"),
     )
     for label, key in rows:
         print(f"  {label:<26} {decode[f'{key}_tokens_per_s']:>9.1f} tokens/s")
-    for key in ("ours_over_bare", "llm_loop_over_bare", "ours_over_whole_row_pools"):
+    ratios = ("ours_over_bare", "llm_loop_over_bare", "ours_over_whole_row_pools")
+    for key in (*ratios, "ours_over_regions_anywhere"):
         print(f"  {'ratio ' + key.replace('_over_', ' / '):<26} {decode['ratio_' + key]:>9.3f}")
+    print(
+        f"  pointer ran at {decode['pointer_step_share']:.0%} of the steps "
+        f"({decode['pointer_row_step_share']:.0%} of the rows' steps)"
+    )
     print("\nprefill (median seconds)")
     for key, value in parts.items():
         print(f"  {key:<22} {value:>9.4f}  {value / total:>6.1%}")

@@ -22,6 +22,11 @@ model = dict(
     layout="pair",
     frozen=("backbone", "proposer", "llm.model"),  # llm.model: the base LLM, not new rows
     max_new_tokens=48,
+    # While decoding, <ri> only after <roi> or another <ri> (the token format): the grounding
+    # heads' pointer runs on those steps alone. On qs_s13's test split 2 of 2531 answers
+    # changed, both from a region cited outside <roi> to a well-formed citation of the same
+    # region (docs/NOTES.md, "Region tokens only inside <roi>").
+    region_tokens_in_roi=True,
     # <ri> logits from a pointer over the region set (hidden state vs each region's slot state
     # and feature), its targets weighted 5x: on the CPU budget the linear head stayed near
     # chance (docs/NOTES.md, "groma_px end to end").

@@ -210,12 +210,15 @@ class GroundedCausalLM(nn.Module):
         Raises:
             ValueError: If an id is outside ``[0, vocab_size)``.
         """
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got min {int(input_ids.min())} "
-                f"max {int(input_ids.max())}"
-            )
         base_embed = self.hf_model.get_input_embeddings()
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.vocab_size}), got min {low} max {high}"
+                )
+            if high < self.first_new_id and not torch.is_grad_enabled():
+                return base_embed(input_ids)  # no new id (e.g. a decoding step's word)
         is_new = input_ids >= self.first_new_id
         base = base_embed(torch.where(is_new, 0, input_ids))
         new = self.new_embed(torch.where(is_new, input_ids - self.first_new_id, 0))

@@ -215,6 +215,7 @@ def pointer_logits(
     phrase: Tensor | None = None,
     relation: dict | None = None,
     cache: dict | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """``logits`` with the ``<ri>`` columns replaced by pointer scores (absent regions masked).
 
@@ -236,12 +237,20 @@ def pointer_logits(
         cache: A dict kept across the decoding steps of one batch: the regions' keys, boxes and
             pair-geometry codes, which do not change between the steps, are stored in it at the
             first step and read at the next ones. Defaults to None (computed every call).
+        rows: (R,) long indices of the rows of ``logits`` to score, while decoding
+            (``prefill`` given): ``hidden``, ``phrase`` and the relation's ``token_ids`` and
+            ``embeds`` then hold only these rows, and the other rows' ``<ri>`` columns are all
+            masked. Defaults to None (every row).
     """
+    if rows is not None and prefill is None:
+        raise ValueError("pointer_logits scores a subset of rows only while decoding (prefill)")
     regions = None if cache is None else cache.get("regions")
     if regions is None:  # what does not change between the decoding steps of one batch
         regions = _region_inputs(pointer, hidden if prefill is None else prefill, batch, relation)
         if cache is not None:
             cache["regions"] = regions
+    if rows is not None:
+        regions = {name: value[rows] for name, value in regions.items()}
     bias = None
     if pointer.relation is not None:
         if relation is None:
@@ -264,7 +273,12 @@ def pointer_logits(
     scores = scores.to(logits.dtype)  # (B, L', K_max)
     out = logits.clone()
     out[..., region_cols] = MASKED_LOGIT
-    out[..., region_cols[: scores.shape[-1]]] = scores
+    if rows is None:
+        out[..., region_cols[: scores.shape[-1]]] = scores
+    else:
+        scored = out[rows]
+        scored[..., region_cols[: scores.shape[-1]]] = scores
+        out[rows] = scored
     return out
 
 

@@ -67,6 +67,12 @@ class GromaPX(
         frozen: Sub-module names (dotted paths allowed) whose parameters do not train and stay
             in eval mode. Defaults to ("backbone", "proposer").
         max_new_tokens: Generation limit in ``predict``. Defaults to 64.
+        region_tokens_in_roi: While decoding, an ``<ri>`` may follow only ``<roi>`` or
+            another ``<ri>``, as the token format writes them: at every other step the ``<ri>``
+            columns are masked and the pointer head is not run (most steps of an answer), so
+            greedy decoding differs from unconstrained decoding only where the latter would
+            cite a region outside ``<roi>``. Text logits are the same either way. Training
+            (teacher-forced) is not affected. Defaults to True.
         recent_images: Outside training, images remembered by content (``RecentImages``) so
             that an image seen again, in this batch or a recent one, is not perceived again
             (evaluation lists each image's records together; ``TaskGroupedSampler`` keeps them
@@ -149,6 +155,7 @@ class GromaPX(
         consumers: dict[str, str] | None = None,
         frozen: Sequence[str] = ("backbone", "proposer"),
         max_new_tokens: int = 64,
+        region_tokens_in_roi: bool = True,
         cache_perception: bool = False,
         recent_images: int = 128,
         match_embedding_scale: bool = True,
@@ -173,6 +180,7 @@ class GromaPX(
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         self.max_new_tokens = max_new_tokens
+        self.region_tokens_in_roi = bool(region_tokens_in_roi)
         self.consumers = self._check_consumers(consumers)
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab = GroundingVocab.from_tokenizer(self.tokenizer)

@@ -12,7 +12,13 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from ..llm.copy_head import copy_sources, previous_tokens
-from ..llm.pointer import padded_rows, phrase_embeddings, phrase_window, pointer_logits
+from ..llm.pointer import (
+    MASKED_LOGIT,
+    padded_rows,
+    phrase_embeddings,
+    phrase_window,
+    pointer_logits,
+)
 from ..llm.sequence import IGNORE_INDEX
 from .masks import CitedRegions, first_citations, logits_to_rle
 from .outputs import Perception
@@ -30,13 +36,16 @@ class GroundingHeadsMixin:
         token_ids: Tensor | None = None,
         describe_keys: tuple[Tensor, Tensor, Tensor] | None = None,
         step_cache: dict | None = None,
+        region_rows: Tensor | None = None,
         **copy_options: Any,
     ) -> Tensor:
         """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
         head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
         :meth:`_describe_keys` returns them, computed if None; ``copy_options``
         (``supervised_only``, ``keys``) go to :meth:`_with_copy_logits`)."""
-        logits = self._with_region_logits(logits, hidden, batch, prefill, token_ids, step_cache)
+        logits = self._with_region_logits(
+            logits, hidden, batch, prefill, token_ids, step_cache, region_rows
+        )
         if self.describe_head is not None:
             keys = self._describe_keys(batch) if describe_keys is None else describe_keys
             logits = self.describe_head(logits, hidden, *keys)
@@ -72,18 +81,19 @@ class GroundingHeadsMixin:
         *,
         supervised_only: bool = False,
         keys: Tensor | None = None,
+        sources: Tensor | None = None,
     ) -> Tensor:
         """``logits`` mixed with ``CopyHead`` scores over the prompt's text, if configured.
 
         Teacher-forced (``prefill`` None), position t may copy sources s <= t;
         ``supervised_only`` mixes only the positions that predict a supervised token (the
         others keep the LLM's logits; the loss reads no other). While decoding, the query is
-        the latest token and the sources are the whole prompt (``keys``: their copy keys, if
-        already computed)."""
+        the latest token and the sources are the whole prompt (``keys``: their copy keys, and
+        ``sources``: ``copy_sources`` of the batch, if already computed)."""
         if self.copy_head is None:
             return logits
         prompt = batch["input_ids"]
-        valid = copy_sources(batch, self.llm.first_new_id)
+        valid = copy_sources(batch, self.llm.first_new_id) if sources is None else sources
         if keys is None:
             keys = self._copy_keys(hidden if prefill is None else prefill, prompt)
         if prefill is not None:
@@ -122,13 +132,26 @@ class GroundingHeadsMixin:
         prefill: Tensor | None = None,
         token_ids: Tensor | None = None,
         step_cache: dict | None = None,
+        region_rows: Tensor | None = None,
     ) -> Tensor:
         """``logits`` with the ``<ri>`` columns from the pointer head, if configured
         (``pointer_logits``; while decoding, ``prefill`` holds the prompt's states,
         ``token_ids`` the prompt and the tokens generated so far, and ``step_cache`` a dict
-        kept across one batch's steps for what does not change between them)."""
-        if self.region_head != "pointer":
-            return logits
+        kept across one batch's steps for what does not change between them).
+
+        ``region_rows`` (decoding only): (B,) bool, the rows whose next token may be an
+        ``<ri>``; the others get ``MASKED_LOGIT`` in every ``<ri>`` column, and the pointer
+        head scores only the rows that may. None: every row may. No later head reads the
+        ``<ri>`` columns of a row to change its text columns, so those are the same either
+        way."""
+        if self.region_head != "pointer" or (
+            region_rows is not None and not bool(region_rows.any())
+        ):
+            return _mask_region_columns(logits, self._region_cols, region_rows)
+        rows = None
+        if region_rows is not None and not bool(region_rows.all()):
+            rows = region_rows.nonzero()[:, 0]
+            hidden, token_ids = hidden[rows], token_ids[rows]
         phrase = relation = None
         if self.region_pointer.phrase_query is not None:
             markers = dict(
@@ -162,18 +185,31 @@ class GroundingHeadsMixin:
             phrase=phrase,
             relation=relation,
             cache=step_cache,
+            rows=rows,
         )
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
         """The per-step logits hook of generation (None for the linear region head and no copy
         head)."""
-        if self.region_head != "pointer" and self.copy_head is None:
+        constrain = self.region_tokens_in_roi
+        if self.region_head != "pointer" and self.copy_head is None and not constrain:
             return None
 
         cached: dict[str, Any] = {}  # copy and describe keys, computed at the first step
+        # <ri> may follow only <roi> or another <ri> (region_tokens_in_roi)
+        # may_precede[v]: whether <ri> may follow token v (<roi> or an <ri>; a lookup, as
+        # torch.isin sorts its inputs at every call)
+        may_precede = torch.zeros(
+            self.llm.vocab_size, dtype=torch.bool, device=self._region_cols.device
+        )
+        may_precede[self._region_cols] = True
+        may_precede[self.token_ids.roi_start] = True
 
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
+            region_rows = may_precede[ids[:, -1]] if constrain else None
+            if self.copy_head is not None and "copy_sources" not in cached:
+                cached["copy_sources"] = copy_sources(batch, self.llm.first_new_id)
             if self.copy_head is not None and "copy" not in cached:
                 cached["copy"] = self._copy_keys(prefill, batch["input_ids"])
             if self.describe_head is not None and "describe" not in cached:
@@ -186,7 +222,9 @@ class GroundingHeadsMixin:
                 token_ids=ids,
                 describe_keys=cached.get("describe"),
                 keys=cached.get("copy"),
+                sources=cached.get("copy_sources"),
                 step_cache=cached.setdefault("pointer", {}),
+                region_rows=region_rows,
             )
             return out[:, 0]
 
@@ -272,3 +310,14 @@ class GroundingHeadsMixin:
                 ids = ids[:i]
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _mask_region_columns(logits: Tensor, region_cols: Tensor, rows: Tensor | None) -> Tensor:
+    """``logits`` (B, L, V) with ``MASKED_LOGIT`` in the ``region_cols`` of the rows where
+    ``rows`` (B,) is False; ``logits`` itself when ``rows`` is None or all True."""
+    if rows is None or bool(rows.all()):
+        return logits
+    masked = logits.index_fill(-1, region_cols, MASKED_LOGIT)
+    if not bool(rows.any()):
+        return masked
+    return torch.where(rows[:, None, None], logits, masked)

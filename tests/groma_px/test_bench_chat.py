@@ -35,8 +35,9 @@ def test_bench_chat_writes_ratios_and_positions(tiny_data, tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["llm"]["layers"] == 1  # the override reached the built model
     decode = result["decode"]
-    for key in ("ours", "ours_whole_row_pools", "llm_loop", "bare"):
+    for key in ("ours", "ours_whole_row_pools", "ours_regions_anywhere", "llm_loop", "bare"):
         assert decode[f"{key}_tokens_per_s"] > 0
+    assert 0.0 <= decode["pointer_row_step_share"] <= decode["pointer_step_share"] <= 1.0
     assert (
         decode["ratio_ours_over_bare"] == decode["ours_tokens_per_s"] / decode["bare_tokens_per_s"]
     )

@@ -9,6 +9,7 @@ import torch
 
 from groma_px.llm.copy_head import CopyHead, copy_sources, previous_tokens
 from groma_px.llm.generation import greedy_generate
+from groma_px.llm.pointer import MASKED_LOGIT
 from groma_px.llm.sequence import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,16 +73,23 @@ def test_copy_sources_are_attended_unsupervised_text_outside_slots():
         "pointer+copy+gated-relation",
     ],
 )
+@pytest.mark.parametrize("in_roi", [True, False], ids=["in-roi", "anywhere"])
 def test_logits_while_decoding_equal_teacher_forced_ones(
-    build_model, make_batch, copy_head, describe_head, relation, record
+    build_model, make_batch, copy_head, describe_head, relation, record, in_roi
 ):
+    """Every decoding step's logits equal the teacher-forced ones; with
+    ``region_tokens_in_roi`` the ``<ri>`` columns of a step not after ``<roi>`` or an ``<ri>``
+    are masked instead, and the pointer head runs only at the other steps."""
     model = build_model(
         selector=dict(score_thr=0.0),
         region_head="pointer",
         region_pointer=dict(phrase_query=True, relation=relation),
         copy_head=copy_head,
         describe_head=describe_head,
+        region_tokens_in_roi=in_roi,
     ).eval()
+    scored = []  # the decoding steps at which the pointer head ran
+    model.region_pointer.score = _recording(model.region_pointer.score, scored)
     if relation is not None:  # live subject and relation terms (both start near zero)
         torch.nn.init.constant_(model.region_pointer.relation.subject_weight, 1.0)
         torch.nn.init.constant_(model.region_pointer.relation.gate.bias, 2.0)
@@ -90,8 +98,9 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
     if describe_head is not None:  # a live gate (it starts at zero, the identity)
         torch.nn.init.normal_(model.describe_head.gate.weight)
         torch.nn.init.constant_(model.describe_head.gate.bias, 1.0)
-    # test record 0: REC; 1: a region caption whose question cites a user region
-    data = model.data_preprocessor(make_batch([record], "test"), False)
+    # two rows: record 0 (REC) and 1 (a region caption whose question cites a user region),
+    # ``record`` first; only the first row writes <roi>, so the pointer scores rows apart
+    data = model.data_preprocessor(make_batch([record, 1 - record], "test"), False)
     with torch.no_grad():
         perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
         batch = model._embed(perception, data["data_samples"], padding_side="left")
@@ -99,15 +108,18 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
         decode_fn = model._decode_logits_fn(batch)
         ids = model.token_ids
         # A word of the question inside a phrase, so the copy head has something to copy.
-        word = int(batch["input_ids"][0, -3])
-        forced = [ids.phrase_start, word, ids.phrase_end, ids.roi_start]
+        words = batch["input_ids"][:, -3]
+        forced = torch.tensor([[ids.phrase_start, ids.phrase_end, ids.roi_start]] * 2)
+        forced = torch.cat([forced[:, :1], words[:, None], forced[:, 1:]], dim=1)
+        forced[1, -1] = words[1]  # the second row writes a word in place of <roi>
 
         def forcing(logits, hidden, prefill, so_far):
+            scored.append(None)  # a marker: the calls of score after it are this step's
             seen.append(decode_fn(logits, hidden, prefill, so_far))
             step = so_far.shape[1]
-            if step < len(forced):
+            if step < forced.shape[1]:
                 out = torch.full_like(seen[-1], -1e9)
-                out[:, forced[step]] = 0.0
+                out[torch.arange(2), forced[:, step]] = 0.0
                 return out
             return seen[-1]
 
@@ -116,11 +128,12 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
             batch["inputs_embeds"],
             batch["attention_mask"],
             max_new_tokens=8,
-            eos_token_id=model.tokenizer.eos_token_id,
+            eos_token_id=-1,  # all 8 steps in both rows
             pad_token_id=model._pad_id,
             logits_fn=forcing,
         )
-        tokens = gen.tokens[:, : len(seen)]
+        tokens = gen.tokens
+        per_step = _split_markers(scored)  # before the teacher-forced pass adds its call
         n = tokens.shape[1]
         embeds = torch.cat([batch["inputs_embeds"], model.llm.embed_tokens(tokens)], dim=1)
         full = {
@@ -130,14 +143,30 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
             "image_slots": torch.cat([batch["image_slots"], torch.zeros_like(tokens).bool()], 1),
             "region_slots": torch.cat([batch["region_slots"], torch.full_like(tokens, -1)], 1),
         }
-        out = model.llm(embeds, attention_mask=full["attention_mask"])
+        positions = (full["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as greedy_generate
+        out = model.llm(embeds, full["attention_mask"], positions)
         teacher = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
-    assert n > len(forced)  # the step after <roi> scored regions with the phrase
+    assert n == 8 > forced.shape[1]
     length = batch["input_ids"].shape[1]
+    cols = model._region_cols
+    text = torch.ones(teacher.shape[-1], dtype=torch.bool)
+    text[cols] = False
+    previous = torch.cat([batch["input_ids"][:, -1:], tokens], dim=1)[:, :n]
+    may_cite = torch.isin(previous, torch.tensor([ids.roi_start, *ids.regions]))
+    assert may_cite[:, forced.shape[1]].tolist() == [True, False]
+    assert not may_cite[:, : forced.shape[1]].any()
+    rows_scored = [sum(calls) for calls in per_step]  # rows the pointer scored at each step
+    assert rows_scored == (may_cite.sum(0).tolist() if in_roi else [2] * n)
     for step, logits in enumerate(seen):
-        torch.testing.assert_close(logits, teacher[:, length - 1 + step], atol=1e-4, rtol=1e-4)
+        expected = teacher[:, length - 1 + step]
+        for row in range(2):
+            got, want = logits[row], expected[row]
+            if in_roi and not may_cite[row, step]:
+                assert (got[cols] == MASKED_LOGIT).all()
+                got, want = got[text], want[text]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if describe_head is not None:  # the describe head changed the text logits
-        assert batch["user_rows"][0].tolist() == [0]
+        assert [r.tolist() for r in batch["user_rows"]] == [[], [0]][:: 1 - 2 * record]
         model.describe_head = None
         without = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
         assert not torch.allclose(without, teacher, atol=1e-3)
@@ -145,7 +174,7 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
         model.region_pointer.relation = None
         without = model._output_logits(out.logits, out.hidden_states, dict(batch, **full))
         cols = model._region_cols[: batch["num_regions"][0]]
-        at = length - 1 + len(forced)  # predicts the token after <roi>
+        at = length - 1 + forced.shape[1]  # predicts the token after <roi>
         assert not torch.allclose(without[0, at, cols], teacher[0, at, cols], atol=1e-3)
         return
     if copy_head is None or describe_head is not None:
@@ -153,6 +182,7 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
     # The copy head moved probability: the forced question word gained mass at step 1.
     plain = model._with_region_logits(out.logits, out.hidden_states, dict(batch, **full))
     at = length  # predicts the token after <p>
+    word = int(words[0])
     assert teacher[0, at].log_softmax(-1)[word] > plain[0, at].log_softmax(-1)[word]
 
 
@@ -172,3 +202,25 @@ def test_supervised_only_mixing_equals_full_mixing_where_the_loss_reads(build_mo
     torch.testing.assert_close(fast[read], full[read])
     assert torch.equal(fast[~read], plain[~read])
     assert not torch.allclose(full[read], plain[read])  # the copy head did mix there
+
+
+def _recording(method, calls: list):
+    """``method``, appending the rows of its first argument to ``calls`` at each call."""
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return method(*args, **kwargs)
+
+    return wrapped
+
+
+def _split_markers(calls: list) -> list[list]:
+    """``[None, 2, None, None, 1]`` -> ``[[2], [], [1]]``: the calls after each ``None``
+    marker."""
+    groups: list[list] = []
+    for call in calls:
+        if call is None:
+            groups.append([])
+        else:
+            groups[-1].append(call)
+    return groups

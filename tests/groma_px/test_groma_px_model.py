@@ -14,6 +14,7 @@ from torch import nn
 
 from groma_px.engine.stages import export_runner_model
 from groma_px.inference import GroundedChat
+from groma_px.llm.pointer import MASKED_LOGIT
 from groma_px.models.perceiving import PERCEPTION_MODULES
 from groma_px.models.perception_cache import (
     RecentImages,
@@ -140,7 +141,6 @@ def test_region_loss_weight_upweights_region_targets(build_model, make_batch):
 
 @pytest.mark.parametrize("phrase_query", [False, True])
 def test_pointer_region_head_scores_only_existing_regions(build_model, make_batch, phrase_query):
-    from groma_px.llm.pointer import MASKED_LOGIT
 
     model = build_model(
         selector=dict(score_thr=0.0),
@@ -171,6 +171,35 @@ def test_pointer_region_head_scores_only_existing_regions(build_model, make_batc
 
 
 # Decode-time pointer (and copy) logits vs teacher-forced ones: tests/groma_px/test_copy_head.py
+
+
+@pytest.mark.parametrize("in_roi", [True, False])
+def test_linear_region_head_cites_only_inside_roi_when_constrained(build_model, make_batch, in_roi):
+    model = build_model(
+        selector=dict(score_thr=0.0),
+        region_tokens_in_roi=in_roi,
+        **dict.fromkeys(["region_pointer", "copy_head", "describe_head", "region_text_loss"]),
+        region_head="linear",
+    ).eval()
+    data = model.data_preprocessor(make_batch([0, 1], "test"), False)
+    with torch.no_grad():
+        perception = model.perceive(data["inputs"], data["data_samples"], data["valid_sizes"])
+        batch = model._embed(perception, data["data_samples"], padding_side="left")
+    decode_fn = model._decode_logits_fn(batch)
+    if not in_roi:  # nothing to change in the LLM's logits
+        assert decode_fn is None
+        return
+    ids, cols = model.token_ids, torch.tensor(model.token_ids.regions)
+    logits = torch.randn(2, model.llm.vocab_size)
+    hidden = torch.randn(2, model.llm.hidden_size)
+    # row 0 just wrote <roi>, row 1 a word: only row 0 may cite
+    so_far = torch.tensor([[ids.phrase_start, ids.phrase_end, ids.roi_start], [5, 6, 7]])
+    out = decode_fn(logits, hidden, None, so_far)
+    torch.testing.assert_close(out[0], logits[0])
+    assert (out[1, cols] == MASKED_LOGIT).all()
+    text = torch.ones(out.shape[1], dtype=torch.bool)
+    text[cols] = False
+    torch.testing.assert_close(out[1, text], logits[1, text])
 
 
 def test_features_enter_at_the_token_embedding_scale(build_model, make_batch):
