@@ -42,7 +42,7 @@ class GroundingHeadsMixin:
         """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
         head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
         :meth:`_describe_keys` returns them, computed if None; ``copy_options``
-        (``supervised_only``, ``keys``) go to :meth:`_with_copy_logits`)."""
+        (``supervised_only``, ``keys``, ``sources``) go to :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(
             logits, hidden, batch, prefill, token_ids, step_cache, region_rows
         )
@@ -189,16 +189,15 @@ class GroundingHeadsMixin:
         )
 
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
-        """The per-step logits hook of generation (None for the linear region head and no copy
-        head)."""
+        """The per-step logits hook of generation (None for the linear region head with no copy
+        head and ``region_tokens_in_roi`` off)."""
         constrain = self.region_tokens_in_roi
         if self.region_head != "pointer" and self.copy_head is None and not constrain:
             return None
 
         cached: dict[str, Any] = {}  # copy and describe keys, computed at the first step
-        # <ri> may follow only <roi> or another <ri> (region_tokens_in_roi)
-        # may_precede[v]: whether <ri> may follow token v (<roi> or an <ri>; a lookup, as
-        # torch.isin sorts its inputs at every call)
+        # may_precede[v]: whether an <ri> may follow token v under region_tokens_in_roi (<roi>
+        # or an <ri>); a lookup, as torch.isin sorts its inputs at every call
         may_precede = torch.zeros(
             self.llm.vocab_size, dtype=torch.bool, device=self._region_cols.device
         )
