@@ -246,9 +246,8 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         output_hidden_states=False,
         logits_fn=model._decode_logits_fn(prompt),
     ).tokens
-    before_region = torch.tensor([model.token_ids.roi_start, *model.token_ids.regions])
     previous = torch.cat([prompt["input_ids"][:, -1:], tokens[:, :-1]], dim=1)
-    may_cite = torch.isin(previous, before_region)
+    may_cite = model._region_may_follow()[previous]
     return {
         "batch": batch,
         "prompt_length": length,

@@ -188,6 +188,15 @@ class GroundingHeadsMixin:
             rows=rows,
         )
 
+    def _region_may_follow(self) -> Tensor:
+        """(V,) bool: the tokens an ``<ri>`` may follow under ``region_tokens_in_roi``
+        (``<roi>`` and the ``<ri>`` themselves); a lookup, as ``torch.isin`` sorts its inputs at
+        every call."""
+        table = torch.zeros(self.llm.vocab_size, dtype=torch.bool, device=self._region_cols.device)
+        table[self._region_cols] = True
+        table[self.token_ids.roi_start] = True
+        return table
+
     def _decode_logits_fn(self, batch: dict[str, Any]) -> Any:
         """The per-step logits hook of generation (None for the linear region head with no copy
         head and ``region_tokens_in_roi`` off)."""
@@ -196,13 +205,7 @@ class GroundingHeadsMixin:
             return None
 
         cached: dict[str, Any] = {}  # copy and describe keys, computed at the first step
-        # may_precede[v]: whether an <ri> may follow token v under region_tokens_in_roi (<roi>
-        # or an <ri>); a lookup, as torch.isin sorts its inputs at every call
-        may_precede = torch.zeros(
-            self.llm.vocab_size, dtype=torch.bool, device=self._region_cols.device
-        )
-        may_precede[self._region_cols] = True
-        may_precede[self.token_ids.roi_start] = True
+        may_precede = self._region_may_follow()
 
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)

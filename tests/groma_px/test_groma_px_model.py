@@ -141,7 +141,6 @@ def test_region_loss_weight_upweights_region_targets(build_model, make_batch):
 
 @pytest.mark.parametrize("phrase_query", [False, True])
 def test_pointer_region_head_scores_only_existing_regions(build_model, make_batch, phrase_query):
-
     model = build_model(
         selector=dict(score_thr=0.0),
         region_head="pointer",
