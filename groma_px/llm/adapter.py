@@ -220,8 +220,8 @@ class GroundedCausalLM(nn.Module):
             if high < self.first_new_id and not torch.is_grad_enabled():
                 return base_embed(input_ids)  # no new id (e.g. a decoding step's word)
         is_new = input_ids >= self.first_new_id
-        base = base_embed(torch.where(is_new, 0, input_ids))
-        new = self.new_embed(torch.where(is_new, input_ids - self.first_new_id, 0))
+        base = base_embed(input_ids.clamp(max=self.first_new_id - 1))
+        new = self.new_embed((input_ids - self.first_new_id).clamp(min=0))
         # Scaled-embedding LLMs (Gemma) scale inside the table; the new rows must match.
         scale = getattr(base_embed, "embed_scale", None)
         if scale is not None:

@@ -12,6 +12,7 @@ token ``x_s`` — "what followed the current token in the prompt comes next".
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,73 @@ class CopyHead(nn.Module):
         copy = torch.log(torch.where(present, mass, torch.ones_like(mass))) + top
         mixed = torch.where(present, torch.logaddexp(logits.float(), copy), logits.float())
         return mixed.to(logits.dtype)
+
+    def decoding_plan(self, keys: Tensor, source_ids: Tensor, source_mask: Tensor) -> CopyPlan:
+        """What :meth:`decode_step` needs of a batch's prompt, computed once per batch.
+
+        Args:
+            keys: (B, S, d) sources' keys (:meth:`keys`).
+            source_ids: (B, S) long token each source holds.
+            source_mask: (B, S) bool: the sources every step may copy.
+        """
+        batch = source_ids.shape[0]
+        distinct = [source_ids[b][source_mask[b]].unique() for b in range(batch)]
+        width = max([len(d) for d in distinct] + [1])
+        tokens = source_ids.new_zeros(batch, width)
+        for b, d in enumerate(distinct):
+            if len(d):  # padding repeats the first token: same mass, same mixed value
+                tokens[b] = torch.cat([d, d[:1].expand(width - len(d))])
+        member = (source_ids[:, :, None] == tokens[:, None, :]) & source_mask[:, :, None]
+        bias = torch.zeros(source_mask.shape, device=keys.device).masked_fill(
+            ~source_mask, float("-inf")
+        )
+        return CopyPlan(
+            keys=(keys.float() * self.scale).transpose(1, 2).contiguous(),
+            bias=bias[:, None, :],
+            tokens=tokens,
+            member=member.float(),
+        )
+
+    def decode_step(
+        self, logits: Tensor, hidden: Tensor, current: Tensor, plan: CopyPlan
+    ) -> Tensor:
+        """:meth:`forward` for one query position per row, from a :meth:`decoding_plan`: the
+        scores' mass is summed per distinct source token (a (B, S) x (B, S, U) product) and
+        only those U columns of the (B, V) logits are mixed, so the step costs a few small
+        operators, none over the vocabulary but a gather and a scatter.
+
+        Args:
+            logits: (B, V) next-token logits.
+            hidden: (B, D) hidden states.
+            current: (B, D) embeddings of the current tokens.
+            plan: From :meth:`decoding_plan` for this batch.
+
+        Returns:
+            (B, V) as :meth:`forward` (up to the order of the sums), in ``logits``' dtype.
+        """
+        query = self.query(torch.cat([hidden, current], dim=-1)).float()
+        scores = torch.baddbmm(plan.bias, query[:, None], plan.keys)  # (B, 1, S)
+        top = scores.amax(-1, keepdim=True).clamp_(min=-1e4)
+        copy = torch.bmm(torch.exp(scores - top), plan.member).log_().add_(top)[:, 0]
+        mixed = torch.logaddexp(logits.gather(1, plan.tokens).float(), copy)
+        return logits.scatter(1, plan.tokens, mixed.to(logits.dtype))
+
+
+class CopyPlan(NamedTuple):
+    """A batch's prompt as :meth:`CopyHead.decode_step` reads it.
+
+    Attributes:
+        keys: (B, d, S) float source keys times the head's scale, transposed.
+        bias: (B, 1, S) 0 at the sources a step may copy, -inf elsewhere.
+        tokens: (B, U) long distinct tokens of each row's sources, padded by repeating the first
+            (0 for a row with none).
+        member: (B, S, U) float: 1 where source s may be copied and holds ``tokens[:, u]``.
+    """
+
+    keys: Tensor
+    bias: Tensor
+    tokens: Tensor
+    member: Tensor
 
 
 def copy_sources(batch: dict[str, Tensor], first_new_id: int) -> Tensor:

@@ -59,7 +59,10 @@ class DescribeHead(nn.Module):
         Returns:
             (B, L, V) logits.
         """
-        if region_keys.shape[1] == 0:  # parameters stay in the graph (data-parallel sync)
+        if region_keys.shape[1] == 0:
+            if not torch.is_grad_enabled():  # decoding: nothing to add
+                return logits
+            # parameters stay in the graph (data-parallel sync)
             return logits + sum(p.sum() for p in self.parameters()).to(logits.dtype) * 0.0
         attend = torch.einsum("bld,bud->blu", self.query(hidden), region_keys) * self.scale
         low = torch.finfo(attend.dtype).min

@@ -11,7 +11,7 @@ from mmengine.structures import BaseDataElement
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from ..llm.copy_head import copy_sources, previous_tokens
+from ..llm.copy_head import CopyPlan, copy_sources, previous_tokens
 from ..llm.pointer import (
     MASKED_LOGIT,
     padded_rows,
@@ -42,7 +42,7 @@ class GroundingHeadsMixin:
         """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
         head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
         :meth:`_describe_keys` returns them, computed if None; ``copy_options``
-        (``supervised_only``, ``keys``, ``sources``) go to :meth:`_with_copy_logits`)."""
+        (``supervised_only``, ``plan``) go to :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(
             logits, hidden, batch, prefill, token_ids, step_cache, region_rows
         )
@@ -80,22 +80,24 @@ class GroundingHeadsMixin:
         token_ids: Tensor | None = None,
         *,
         supervised_only: bool = False,
-        keys: Tensor | None = None,
-        sources: Tensor | None = None,
+        plan: CopyPlan | None = None,
     ) -> Tensor:
         """``logits`` mixed with ``CopyHead`` scores over the prompt's text, if configured.
 
         Teacher-forced (``prefill`` None), position t may copy sources s <= t;
         ``supervised_only`` mixes only the positions that predict a supervised token (the
         others keep the LLM's logits; the loss reads no other). While decoding, the query is
-        the latest token and the sources are the whole prompt (``keys``: their copy keys, and
-        ``sources``: ``copy_sources`` of the batch, if already computed)."""
+        the latest token and the sources are the whole prompt; with ``plan`` (the batch's
+        ``CopyHead.decoding_plan``, computed once) a one-position step takes
+        ``CopyHead.decode_step``."""
         if self.copy_head is None:
             return logits
+        if plan is not None and prefill is not None and hidden.shape[1] == 1:
+            current = self.llm.embed_tokens(token_ids[:, -1])
+            return self.copy_head.decode_step(logits[:, 0], hidden[:, 0], current, plan)[:, None]
         prompt = batch["input_ids"]
-        valid = copy_sources(batch, self.llm.first_new_id) if sources is None else sources
-        if keys is None:
-            keys = self._copy_keys(hidden if prefill is None else prefill, prompt)
+        valid = copy_sources(batch, self.llm.first_new_id)
+        keys = self._copy_keys(hidden if prefill is None else prefill, prompt)
         if prefill is not None:
             current = self.llm.embed_tokens(token_ids[:, -hidden.shape[1] :])
             return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None, :])
@@ -210,10 +212,12 @@ class GroundingHeadsMixin:
         def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
             region_rows = may_precede[ids[:, -1]] if constrain else None
-            if self.copy_head is not None and "copy_sources" not in cached:
-                cached["copy_sources"] = copy_sources(batch, self.llm.first_new_id)
             if self.copy_head is not None and "copy" not in cached:
-                cached["copy"] = self._copy_keys(prefill, batch["input_ids"])
+                cached["copy"] = self.copy_head.decoding_plan(
+                    self._copy_keys(prefill, batch["input_ids"]),
+                    batch["input_ids"],
+                    copy_sources(batch, self.llm.first_new_id),
+                )
             if self.describe_head is not None and "describe" not in cached:
                 cached["describe"] = self._describe_keys(batch)
             out = self._output_logits(
@@ -223,8 +227,7 @@ class GroundingHeadsMixin:
                 prefill,
                 token_ids=ids,
                 describe_keys=cached.get("describe"),
-                keys=cached.get("copy"),
-                sources=cached.get("copy_sources"),
+                plan=cached.get("copy"),
                 step_cache=cached.setdefault("pointer", {}),
                 region_rows=region_rows,
             )

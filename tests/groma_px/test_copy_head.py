@@ -41,6 +41,35 @@ def test_copy_mixture_is_one_softmax_over_vocabulary_and_sources():
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
 
 
+def test_decode_step_equals_the_mixture_at_one_position():
+    """``decode_step`` from a ``decoding_plan`` gives ``forward``'s logits for one query per
+    row: repeated source tokens, a masked source, a row with no source (logits unchanged) and
+    columns no source holds (bit for bit)."""
+    torch.manual_seed(0)
+    head = CopyHead(8, dim=4)
+    logits = torch.randn(3, 9)
+    logits[:, 7] = MASKED_LOGIT
+    hidden, current = torch.randn(3, 8), torch.randn(3, 8)
+    keys = head.keys(torch.randn(3, 6, 8), torch.randn(3, 6, 8))
+    src_ids = torch.tensor([[1, 1, 4, 2, 0, 6], [3, 3, 3, 5, 5, 8], [2, 6, 6, 1, 0, 0]])
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4] = False  # token 0 of row 0: masked, held by no other source
+    mask[1, 0] = False  # one of three 3s
+    mask[2] = False  # row 2: nothing to copy
+    with torch.no_grad():
+        expected = head(
+            logits[:, None], hidden[:, None], current[:, None], keys, src_ids, mask[:, None]
+        )
+        plan = head.decoding_plan(keys, src_ids, mask)
+        out = head.decode_step(logits, hidden, current, plan)
+    torch.testing.assert_close(out, expected[:, 0], atol=1e-6, rtol=1e-6)
+    assert plan.tokens.tolist()[:2] == [[1, 2, 4, 6], [3, 5, 8, 3]]  # padded by the first
+    held = torch.zeros(3, 9, dtype=torch.bool)
+    held[0, [1, 2, 4, 6]] = held[1, [3, 5, 8]] = True
+    assert torch.equal(out[~held], logits[~held])  # incl. row 2, column 7 and masked token 0
+    assert not torch.equal(out[held], logits[held])
+
+
 def test_copy_sources_are_attended_unsupervised_text_outside_slots():
     batch = {
         "input_ids": torch.tensor([[1, 5, 6, 90, 7, 8]]),
