@@ -11,7 +11,9 @@ Measures, on prompts built from synthetic test images:
    LLM's ``generate`` on token ids of the same total prompt length and batch; also the LLM loop
    without the hook, and the hook with its phrase pools over whole rows (no ``phrase_window``).
    Decode time is ``t(N new tokens) - t(1 new token)``, so the prefill is excluded; runs
-   alternate (ours, whole rows, loop, bare, ours, ...) and the medians are compared.
+   alternate in rounds (ours, whole rows, anywhere, loop, bare; ``--decode-repeats`` rounds).
+   The rates are medians over the rounds; each ratio is the median of the per-round ratios, so
+   a machine whose speed drifts between rounds moves both sides of a ratio together.
 2. Prefill breakdown: time in backbone + proposer, box refiner (when the model has one), selector,
    region encoder, image tokens and the LLM prefill forward; the share of proposer (with its
    refiner) + selector + region encoder.
@@ -236,6 +238,13 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         for name, fn in contenders.items():
             times[name].append(fn(new_tokens) - fn(1))
     rates = {k: batch * (new_tokens - 1) / statistics.median(v) for k, v in times.items()}
+
+    def ratio(name: str, other: str) -> float:
+        """Median over the rounds of ``name``'s rate over ``other``'s in the same round."""
+        return statistics.median(
+            t_o / t_n for t_n, t_o in zip(times[name], times[other], strict=True)
+        )
+
     tokens = greedy_generate(
         model.llm,
         embeds,
@@ -253,13 +262,15 @@ def decode_rates(model: torch.nn.Module, prompt: dict, new_tokens: int, repeats:
         "prompt_length": length,
         "new_tokens": new_tokens,
         **{f"{name}_tokens_per_s": rate for name, rate in rates.items()},
-        "ratio_ours_over_bare": rates["ours"] / rates["bare"],
-        "ratio_llm_loop_over_bare": rates["llm_loop"] / rates["bare"],
-        "ratio_ours_over_whole_row_pools": rates["ours"] / rates["ours_whole_row_pools"],
-        "ratio_ours_over_regions_anywhere": rates["ours"] / rates["ours_regions_anywhere"],
+        "ratio_ours_over_bare": ratio("ours", "bare"),
+        "ratio_ours_over_llm_loop": ratio("ours", "llm_loop"),
+        "ratio_llm_loop_over_bare": ratio("llm_loop", "bare"),
+        "ratio_ours_over_whole_row_pools": ratio("ours", "ours_whole_row_pools"),
+        "ratio_ours_over_regions_anywhere": ratio("ours", "ours_regions_anywhere"),
         "pointer_step_share": float(may_cite.any(0).float().mean()),
         "pointer_row_step_share": float(may_cite.float().mean()),
         "repeats": repeats,
+        "decode_seconds_per_round": times,
     }
 
 
@@ -283,7 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default="work_dirs/quickstart/data")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="prefill and mask-head timings")
+    parser.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=21,
+        help="rounds of the decode contenders (the ratios are medians of per-round ratios)",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -296,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = sum(parts.values())
     perceive = ("backbone+proposer", "box_refiner", "selector", "region_encoder")
     perception = sum(parts.get(k, 0.0) for k in perceive)
-    decode = decode_rates(model, prompt, args.new_tokens, args.repeats)
+    decode = decode_rates(model, prompt, args.new_tokens, args.decode_repeats)
     masks = mask_costs(model, batch, args.repeats)
     positions = {
         layout: positions_per_image(model.num_image_tokens, 100, layout) for layout in LAYOUTS
@@ -322,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"\ndecode ({decode['batch']} x {decode['prompt_length']}-token prompts, "
-        f"{decode['new_tokens']} new tokens, median of {decode['repeats']})"
+        f"{decode['new_tokens']} new tokens, {decode['repeats']} rounds; ratios: medians of "
+        "per-round ratios)"
     )
     rows = (
         ("GromaPX generation", "ours"),
@@ -333,7 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for label, key in rows:
         print(f"  {label:<26} {decode[f'{key}_tokens_per_s']:>9.1f} tokens/s")
-    ratios = ("ours_over_bare", "llm_loop_over_bare", "ours_over_whole_row_pools")
+    ratios = (
+        "ours_over_bare",
+        "ours_over_llm_loop",
+        "llm_loop_over_bare",
+        "ours_over_whole_row_pools",
+    )
     for key in (*ratios, "ours_over_regions_anywhere"):
         print(f"  {'ratio ' + key.replace('_over_', ' / '):<26} {decode['ratio_' + key]:>9.3f}")
     print(
