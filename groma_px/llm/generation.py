@@ -55,8 +55,9 @@ def greedy_generate(
         pad_token_id: Id written after a sequence's eos (never fed to the model).
         output_hidden_states: Also return the hidden states. Defaults to True.
         logits_fn: Optional ``(logits (B, V), hidden (B, D), prefill_hidden (B, L, D),
-            generated (B, t) long ids so far) -> logits`` applied before each argmax, e.g.
-            ``GromaPX``'s region pointer, which scores regions against the prompt's hidden
+            generated (B, t) long ids so far, current=(B, D) lm.embed_tokens of the latest
+            generated tokens, None at the first step) -> logits`` applied before each argmax,
+            e.g. ``GromaPX``'s region pointer, which scores regions against the prompt's hidden
             states and the phrase being written. Defaults to None.
 
     Returns:
@@ -77,11 +78,15 @@ def greedy_generate(
     next_position = position_ids[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, hiddens = [], []
+    embeds = None  # token embeddings of the latest generated tokens
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
         if logits_fn is not None:
             so_far = torch.stack(tokens, dim=1) if tokens else attention_mask.new_zeros(batch, 0)
-            logits = logits_fn(logits, out.hidden_states[:, -1], prefill_hidden, so_far.long())
+            current = None if embeds is None else embeds[:, 0]
+            logits = logits_fn(
+                logits, out.hidden_states[:, -1], prefill_hidden, so_far.long(), current=current
+            )
         predicted = logits.argmax(dim=-1)
         tokens.append(torch.where(done, pad_token_id, predicted))
         if output_hidden_states:

@@ -42,7 +42,7 @@ class GroundingHeadsMixin:
         """The LLM's logits with the pointer's ``<ri>`` columns, the describe head and the copy
         head applied (the arguments as for :meth:`_with_region_logits`; ``describe_keys`` as
         :meth:`_describe_keys` returns them, computed if None; ``copy_options``
-        (``supervised_only``, ``plan``) go to :meth:`_with_copy_logits`)."""
+        (``supervised_only``, ``plan``, ``current``) go to :meth:`_with_copy_logits`)."""
         logits = self._with_region_logits(
             logits, hidden, batch, prefill, token_ids, step_cache, region_rows
         )
@@ -81,6 +81,7 @@ class GroundingHeadsMixin:
         *,
         supervised_only: bool = False,
         plan: CopyPlan | None = None,
+        current: Tensor | None = None,
     ) -> Tensor:
         """``logits`` mixed with ``CopyHead`` scores over the prompt's text, if configured.
 
@@ -89,11 +90,13 @@ class GroundingHeadsMixin:
         others keep the LLM's logits; the loss reads no other). While decoding, the query is
         the latest token and the sources are the whole prompt; with ``plan`` (the batch's
         ``CopyHead.decoding_plan``, computed once) a one-position step takes
-        ``CopyHead.decode_step``."""
+        ``CopyHead.decode_step`` (``current``: (B, D) embeddings of ``token_ids[:, -1]`` if
+        the caller has them)."""
         if self.copy_head is None:
             return logits
         if plan is not None and prefill is not None and hidden.shape[1] == 1:
-            current = self.llm.embed_tokens(token_ids[:, -1])
+            if current is None:
+                current = self.llm.embed_tokens(token_ids[:, -1])
             return self.copy_head.decode_step(logits[:, 0], hidden[:, 0], current, plan)[:, None]
         prompt = batch["input_ids"]
         valid = copy_sources(batch, self.llm.first_new_id)
@@ -209,7 +212,13 @@ class GroundingHeadsMixin:
         cached: dict[str, Any] = {}  # copy and describe keys, computed at the first step
         may_precede = self._region_may_follow()
 
-        def logits_fn(logits: Tensor, hidden: Tensor, prefill: Tensor, so_far: Tensor) -> Tensor:
+        def logits_fn(
+            logits: Tensor,
+            hidden: Tensor,
+            prefill: Tensor,
+            so_far: Tensor,
+            current: Tensor | None = None,
+        ) -> Tensor:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
             region_rows = may_precede[ids[:, -1]] if constrain else None
             if self.copy_head is not None and "copy" not in cached:
@@ -228,6 +237,7 @@ class GroundingHeadsMixin:
                 token_ids=ids,
                 describe_keys=cached.get("describe"),
                 plan=cached.get("copy"),
+                current=current,
                 step_cache=cached.setdefault("pointer", {}),
                 region_rows=region_rows,
             )

@@ -142,9 +142,11 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
         forced = torch.cat([forced[:, :1], words[:, None], forced[:, 1:]], dim=1)
         forced[1, -1] = words[1]  # the second row writes a word in place of <roi>
 
-        def forcing(logits, hidden, prefill, so_far):
+        def forcing(logits, hidden, prefill, so_far, current=None):
             scored.append(None)  # a marker: the calls of score after it are this step's
-            seen.append(decode_fn(logits, hidden, prefill, so_far))
+            if current is not None:  # the loop's embeddings of the latest tokens
+                torch.testing.assert_close(current, model.llm.embed_tokens(so_far[:, -1]))
+            seen.append(decode_fn(logits, hidden, prefill, so_far, current=current))
             step = so_far.shape[1]
             if step < forced.shape[1]:
                 out = torch.full_like(seen[-1], -1e9)
