@@ -144,6 +144,7 @@ def test_logits_while_decoding_equal_teacher_forced_ones(
 
         def forcing(logits, hidden, prefill, so_far, current=None):
             scored.append(None)  # a marker: the calls of score after it are this step's
+            assert (current is None) == (so_far.shape[1] == 0)  # given after the first step
             if current is not None:  # the loop's embeddings of the latest tokens
                 torch.testing.assert_close(current, model.llm.embed_tokens(so_far[:, -1]))
             seen.append(decode_fn(logits, hidden, prefill, so_far, current=current))
