@@ -99,9 +99,7 @@ class CopyHead(nn.Module):
             if len(d):  # padding repeats the first token: same mass, same mixed value
                 tokens[b] = torch.cat([d, d[:1].expand(width - len(d))])
         member = (source_ids[:, :, None] == tokens[:, None, :]) & source_mask[:, :, None]
-        bias = torch.zeros(source_mask.shape, device=keys.device).masked_fill(
-            ~source_mask, float("-inf")
-        )
+        bias = torch.where(source_mask, 0.0, float("-inf"))
         return CopyPlan(
             keys=(keys.float() * self.scale).transpose(1, 2).contiguous(),
             bias=bias[:, None, :],

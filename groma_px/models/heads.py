@@ -87,23 +87,22 @@ class GroundingHeadsMixin:
 
         Teacher-forced (``prefill`` None), position t may copy sources s <= t;
         ``supervised_only`` mixes only the positions that predict a supervised token (the
-        others keep the LLM's logits; the loss reads no other). While decoding, the query is
-        the latest token and the sources are the whole prompt; with ``plan`` (the batch's
-        ``CopyHead.decoding_plan``, computed once) a one-position step takes
-        ``CopyHead.decode_step`` (``current``: (B, D) embeddings of ``token_ids[:, -1]`` if
-        the caller has them)."""
+        others keep the LLM's logits; the loss reads no other). While decoding (one position
+        per row), the query is the latest token and the sources are the whole prompt, through
+        ``CopyHead.decode_step`` (``plan``: :meth:`_copy_plan` of the batch, computed if None;
+        ``current``: (B, D) embeddings of ``token_ids[:, -1]``, computed if None)."""
         if self.copy_head is None:
             return logits
-        if plan is not None and prefill is not None and hidden.shape[1] == 1:
+        if prefill is not None:
+            if hidden.shape[1] != 1:
+                raise ValueError(f"decoding mixes one position per row, got {hidden.shape[1]}")
+            plan = self._copy_plan(batch, prefill) if plan is None else plan
             if current is None:
                 current = self.llm.embed_tokens(token_ids[:, -1])
             return self.copy_head.decode_step(logits[:, 0], hidden[:, 0], current, plan)[:, None]
         prompt = batch["input_ids"]
         valid = copy_sources(batch, self.llm.first_new_id)
-        keys = self._copy_keys(hidden if prefill is None else prefill, prompt)
-        if prefill is not None:
-            current = self.llm.embed_tokens(token_ids[:, -hidden.shape[1] :])
-            return self.copy_head(logits, hidden, current, keys, prompt, valid[:, None, :])
+        keys = self._copy_keys(hidden, prompt)
         positions = torch.arange(prompt.shape[1], device=prompt.device)
         causal = positions[None, :] <= positions[:, None]  # (t, s): s <= t
         if not supervised_only:
@@ -128,6 +127,13 @@ class GroundingHeadsMixin:
     def _copy_keys(self, source_hidden: Tensor, prompt: Tensor) -> Tensor:
         """(B, L, d) copy keys of every prompt position (hidden state, previous token)."""
         return self.copy_head.keys(source_hidden, self.llm.embed_tokens(previous_tokens(prompt)))
+
+    def _copy_plan(self, batch: dict[str, Tensor], prefill: Tensor) -> CopyPlan:
+        """``CopyHead.decoding_plan`` of a batch's prompt from its (B, L, D) hidden states."""
+        prompt = batch["input_ids"]
+        return self.copy_head.decoding_plan(
+            self._copy_keys(prefill, prompt), prompt, copy_sources(batch, self.llm.first_new_id)
+        )
 
     def _with_region_logits(
         self,
@@ -222,11 +228,7 @@ class GroundingHeadsMixin:
             ids = torch.cat([batch["input_ids"], so_far.to(batch["input_ids"])], dim=1)
             region_rows = may_precede[ids[:, -1]] if constrain else None
             if self.copy_head is not None and "copy" not in cached:
-                cached["copy"] = self.copy_head.decoding_plan(
-                    self._copy_keys(prefill, batch["input_ids"]),
-                    batch["input_ids"],
-                    copy_sources(batch, self.llm.first_new_id),
-                )
+                cached["copy"] = self._copy_plan(batch, prefill)
             if self.describe_head is not None and "describe" not in cached:
                 cached["describe"] = self._describe_keys(batch)
             out = self._output_logits(

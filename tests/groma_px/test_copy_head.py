@@ -256,3 +256,11 @@ def _split_markers(calls: list) -> list[list]:
         else:
             groups[-1].append(call)
     return groups
+
+
+def test_decoding_copy_mixes_one_position_per_row(build_model):
+    model = build_model(copy_head={}).eval()
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    hidden = torch.zeros(1, 2, model.llm.hidden_size)
+    with pytest.raises(ValueError, match="one position per row, got 2"):
+        model._with_copy_logits(torch.zeros(1, 2, 8), hidden, batch, hidden, batch["input_ids"])
